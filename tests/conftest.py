@@ -1,0 +1,17 @@
+"""Shared fixtures: a tiny random SD-1.x folder built from configs (offline.py), offline."""
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub look-ups fail at once instead of retrying
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """Path of a tiny random SD-1.x diffusers folder (UNet (32, 64), 2-layer CLIP text
+    encoder with the real 49,408-token tokenizer, tiny VAE, SD-1.4's DDIM scheduler)."""
+    import offline
+    return offline.save_random_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
