@@ -1,0 +1,306 @@
+"""Algorithm 2 (Adversarial Erasure Training) and its baselines, on any SD-1.x checkpoint.
+
+    python erase.py --concept "garbage truck"                          # EAP, cross-attention (ESD-x)
+    python erase.py --concept "nudity" --train_method noxattn --K 50   # Section 5.2
+    python erase.py --concept "cassette player, church, garbage truck, parachute, french horn"
+
+Methods (--method):
+- eap:   Eq. 5, L1 + lambda L2 with c_a = G(pi) R found by Algorithm 1 (search.py);
+- esd:   Eq. 3, naive erasure, no preservation;
+- fixed: Eq. 4 with one fixed c_a = --preserve (Fig. 1b: "", "lexus", "road");
+- age:   Adaptive Guided Erasure: the target c_n is replaced by the Gumbel mixture c_t, which
+         is also the preserved concept (L2 on z_t, as the published code does).
+
+Writes to --out: weights.safetensors (the trained UNet parameters only, under the UNet's own
+names), config.json (the resolved settings) and log.jsonl (one line per model update).
+"""
+import argparse
+import json
+import os
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.func import functional_call
+from tqdm import trange
+
+import search
+from losses import L1, L2, erase_target, in_space, total
+from sample import SD14, UsageError, ddim, default_device, encode, load_model, run_cli
+
+RESUME = "resume.state"  # safetensors format; a different suffix keeps one *.safetensors in --out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Erase concepts from an SD-1.x UNet (Algorithm 2).")
+    p.error = lambda msg: (_ for _ in ()).throw(UsageError(msg))  # one line, no usage dump
+    p.add_argument("--model", default=SD14, help="hub id, diffusers folder, or 'toy'")
+    p.add_argument("--concept", required=True, help="concept(s) to erase, comma-separated: E")
+    p.add_argument("--method", default="eap", choices=["eap", "esd", "fixed", "age"])
+    p.add_argument("--preserve", help="c_a for --method fixed (\"\" is the empty concept)")
+    p.add_argument("--train_method", default="xattn", choices=["xattn", "noxattn", "full"])
+    # Section 5 / Appendix B.1: 1000 steps, batch 1, Adam, lr 1e-5, lambda 1, K 100 (50 nudity)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lam", type=float, default=1.0, help="lambda, weight of L2")
+    p.add_argument("--K", type=int, default=100, help="candidates per erased concept")
+    # Algorithm 1. Printed (B.1): N_iter 2, eta 1e-3. Published code: one ascent step per model
+    # update (--n_iter 1) with eta 1e-2, Adam on pi.
+    p.add_argument("--n_iter", type=int, default=2, help="N_iter, ascent steps per update")
+    p.add_argument("--eta", type=float, default=1e-3, help="step size of the ascent on pi")
+    p.add_argument("--pi_optim", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--tau", type=float, default=2.0, help="Gumbel-Softmax temperature")
+    p.add_argument("--soft", dest="hard", action="store_false", help="soft Gumbel-Softmax")
+    p.add_argument("--search", default="gumbel", choices=["gumbel", "pgd"])
+    p.add_argument("--vocab", default="default", help="FILE (one concept a line), clip, default")
+    p.add_argument("--keep_erased", action="store_true", help="keep E in R (published code)")
+    p.add_argument("--select", default="similar", choices=["similar", "kmeans"])
+    p.add_argument("--k_closest", type=int, default=1000, help="first stage of --select kmeans")
+    # z_t as the published code: DDIM from noise with the model being trained, guidance 3
+    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--start_guidance", type=float, default=3.0)
+    p.add_argument("--timestep", default="matched", choices=["matched", "published"],
+                   help="query the UNet at z_t's own timestep, or as the published code does")
+    p.add_argument("--negative_guidance", type=float, default=0.0, help="eta_neg (code: 1)")
+    p.add_argument("--loss_space", default="eps", choices=["eps", "x0"], help="code: x0")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="forwards under bf16 autocast (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--grad_checkpointing", action="store_true", help="less memory, more time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "eap"))
+    p.add_argument("--out", default="out")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N updates")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    args = p.parse_args(argv)
+    args.concepts = [c.strip() for c in args.concept.split(",")]
+    if not all(args.concepts):
+        raise UsageError("--concept is empty or has an empty item")
+    if args.method == "fixed" and args.preserve is None:
+        raise UsageError("--method fixed needs --preserve (use --preserve \"\" for the empty concept)")
+    for name in ("steps", "K", "n_iter", "ddim_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    return args
+
+
+def trained_parameter_names(unet, train_method):
+    """ESD-x (xattn): names containing attn2, the cross-attention. ESD-u (noxattn): all but
+    attn2, the time embedding and the output layer (conv_norm_out, conv_out). full: all."""
+    names = [n for n, _ in unet.named_parameters()]
+    if train_method == "xattn":
+        return [n for n in names if "attn2" in n]
+    if train_method == "noxattn":
+        return [n for n in names if not ("attn2" in n or n.startswith(("time_embedding", "conv_out", "conv_norm_out")))]
+    return names
+
+
+def flatten(prefix, opt):
+    """An optimiser's state as flat tensors (safetensors holds tensors only)."""
+    return {f"{prefix}.{i}.{k}": v.detach().cpu().contiguous()
+            for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def unflatten(prefix, opt, tensors, device):
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            i, k = key[len(prefix) + 1:].split(".", 1)
+            sd["state"].setdefault(int(i), {})[k] = v if k == "step" else v.to(device)
+    opt.load_state_dict(sd)
+
+
+def save_atomic(tensors, path, metadata=None):
+    """Write to a temporary file, then rename: a half-written file is never taken for a whole one."""
+    save_file(tensors, path + ".tmp", metadata=metadata)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device here")
+    m = load_model(args.model, device)
+    unet = m.unet
+    if device == "cpu" and sum(p.numel() for p in unet.parameters()) > 1e8:
+        warnings.warn("running a full-size UNet on the CPU: impractically slow (about a minute "
+                      "per forward+backward); use a CUDA GPU, or --model toy")
+    amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16")
+
+    # theta' = the trained subset of the UNet; theta = a copy of its original values only. The
+    # frozen eps_theta is the same UNet with theta swapped in: no second UNet in memory.
+    names = trained_parameter_names(unet, args.train_method)
+    theta_prime = {n: p for n, p in unet.named_parameters() if n in set(names)}
+    for p in theta_prime.values():
+        p.requires_grad_(True)
+    theta = {n: p.detach().clone() for n, p in theta_prime.items()}
+    if args.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in training mode; SD's UNet has no dropout
+
+    def eps_theta(z, t, c):  # the original, frozen model
+        return functional_call(unet, theta, (z, t), {"encoder_hidden_states": c}).sample
+
+    def eps_theta_prime(z, t, c):  # the model being trained
+        return unet(z, t, encoder_hidden_states=c).sample
+
+    # Text embeddings, computed once: c_e for each erased concept, c_n = "", c_a if fixed
+    c_e = encode(m, args.concepts)  # (|E|, 77, D)
+    c_n = encode(m, [""])  # (1, 77, D)
+    c_fixed = encode(m, [args.preserve]) if args.method == "fixed" else None
+    searched = args.method in ("eap", "age")
+    if searched:
+        words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
+        R = search.embed_vocab(m, words, args.cache_dir)
+        S = search.new_search(m, words, R, c_e, args, device)  # one pi per erased concept
+    opt = torch.optim.Adam(theta_prime.values(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)  # every random draw, so a resume replays them
+    abar = m.scheduler.alphas_cumprod.to(device)
+    T = m.scheduler.config.num_train_timesteps
+
+    # Only now is anything written: bad input has been refused above.
+    os.makedirs(args.out, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "out")}
+    start = resume(args, config, theta_prime, opt, S if searched else [], gen, device)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+
+    bar = trange(start, args.steps, initial=start, total=args.steps, desc=f"{args.method}")
+    for k in bar:
+        # c_e ~ E
+        i = int(torch.randint(len(args.concepts), (1,), generator=gen))
+        c_e_i = c_e[i:i + 1]
+        # c_a for this update: Algorithm 1's current draw, a fixed concept, or none (esd)
+        if searched:
+            c_a = search.draw(S[i], args, gen).detach()
+        else:
+            c_a = c_fixed
+        # z_t (and z_r for L2): DDIM from the same z_T with the model being trained, guided
+        # by start_guidance, stopped after t_enc of ddim_steps steps; one batched loop.
+        cfg = unet.config
+        z_T = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen).to(device)
+        t_enc = int(torch.randint(args.ddim_steps, (1,), generator=gen))
+        with_r = c_a is not None and args.method != "age"  # AGE's L2 uses z_t itself
+        conds = torch.cat([c_e_i, c_a]) if with_r else c_e_i
+        with torch.no_grad(), amp:
+            zs, t_at = ddim(unet, m.scheduler, z_T.expand(len(conds), -1, -1, -1), conds,
+                            c_n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, t_enc)
+        zs = zs.float()
+        z, z_r = zs[:1], (zs[1:] if with_r else zs[:1])
+        if args.timestep == "published":
+            # the published code queries a DDPM timestep from the band of step t_enc counted
+            # from t = 0, not from the z_t end: [T t_enc / n, T (t_enc + 1) / n)
+            lo, hi = round(T * t_enc / args.ddim_steps), round(T * (t_enc + 1) / args.ddim_steps)
+            t = int(torch.randint(lo, hi, (1,), generator=gen))
+        else:
+            t = t_at
+        ab = abar[t]
+
+        def sp(eps, zz):  # eps (printed) or predicted x0 (published code)
+            return in_space(eps.float(), zz, ab, args.loss_space)
+
+        # Algorithm 1: N_iter ascent steps on pi, maximising L2 on z_r (reused across steps)
+        if searched:
+            def l2_of(c):
+                with amp:
+                    return L2(sp(eps_theta_prime(z_r, t, c), z_r), sp(eps_theta(z_r, t, c), z_r))
+            for _ in range(args.n_iter):
+                search.ascend(S[i], l2_of, args, gen)
+            c_a = search.draw(S[i], args, gen).detach()  # fresh draw for the model step
+
+        # Algorithm 2, outer min: the frozen forwards in one batch, the trained ones in another
+        with amp:
+            with torch.no_grad():
+                if c_a is None:  # esd
+                    eps_n, eps_e = eps_theta(torch.cat([z, z]), t, torch.cat([c_n, c_e_i])).chunk(2)
+                elif args.method == "age":  # c_n -> c_t; eps_theta(z, c_t) serves both losses
+                    eps_n, eps_e = eps_theta(torch.cat([z, z]), t, torch.cat([c_a, c_e_i])).chunk(2)
+                    eps_a = eps_n
+                else:
+                    eps_n, eps_e, eps_a = eps_theta(torch.cat([z, z, z_r]), t,
+                                                    torch.cat([c_n, c_e_i, c_a])).chunk(3)
+            if c_a is None:
+                eps_p_e = eps_theta_prime(z, t, c_e_i)
+            else:
+                eps_p_e, eps_p_a = eps_theta_prime(torch.cat([z, z_r]), t, torch.cat([c_e_i, c_a])).chunk(2)
+        # Eq. 3 target (eta_neg = 0) or the published code's negative guidance
+        target = erase_target(eps_n.float(), eps_e.float(), args.negative_guidance)
+        l1 = L1(sp(eps_p_e, z), sp(target, z))
+        l2 = L2(sp(eps_p_a, z_r), sp(eps_a, z_r)) if c_a is not None else torch.zeros((), device=device)
+        loss = total(l1, l2, args.lam)  # Eq. 4/5: L1 + lambda L2
+        if not torch.isfinite(loss):
+            raise UsageError(f"the loss became {float(loss)} at step {k}; try a lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+        c_a_word = search.chosen(S[i], args) if searched else args.preserve
+        rec = dict(step=k, loss=float(loss), l1=float(l1), l2=float(l2), t=int(t),
+                   c_e=args.concepts[i], c_a=c_a_word)
+        log.write(json.dumps(rec) + "\n")
+        bar.set_postfix(l1=f"{rec['l1']:.4f}", l2=f"{rec['l2']:.4f}", c_a=c_a_word)
+        if args.save_every and (k + 1) % args.save_every == 0 and k + 1 < args.steps:
+            log.flush()
+            checkpoint(args, k + 1, theta_prime, opt, S if searched else [], gen)
+    log.close()
+    weights = os.path.join(args.out, "weights.safetensors")
+    save_atomic({n: p.detach().cpu().contiguous() for n, p in theta_prime.items()}, weights,
+                metadata={"model": str(args.model), "method": args.method, "concept": args.concept})
+    if os.path.exists(os.path.join(args.out, RESUME)):
+        os.remove(os.path.join(args.out, RESUME))
+    print(json.dumps({"wrote": weights, "parameters": sum(p.numel() for p in theta_prime.values())}))
+    return weights
+
+
+def checkpoint(args, step, theta_prime, opt, S, gen):
+    """Everything a resume needs: theta', Adam's state, each pi with its optimiser, the RNG."""
+    tensors = {f"theta.{n}": p.detach().cpu().contiguous() for n, p in theta_prime.items()}
+    tensors.update(flatten("opt", opt))
+    for j, s in enumerate(S):
+        tensors[f"pi.{j}"] = s["x"].detach().cpu().contiguous()
+        tensors.update(flatten(f"piopt{j}", s["opt"]))
+    tensors["rng"] = gen.get_state()
+    save_atomic(tensors, os.path.join(args.out, RESUME), metadata={"step": str(step)})
+
+
+def resume(args, config, theta_prime, opt, S, gen, device):
+    """Restore a checkpoint written with the same settings; return the step to go on from."""
+    path = os.path.join(args.out, RESUME)
+    logpath = os.path.join(args.out, "log.jsonl")
+    if not args.resume:
+        for stale in (path, logpath):
+            if os.path.exists(stale):
+                os.remove(stale)
+        return 0
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: no checkpoint in {args.out} (written with --save_every)")
+    old = json.load(open(os.path.join(args.out, "config.json")))
+    changed = [k for k in config if k != "steps" and old.get(k) != config[k]]
+    if changed:
+        raise UsageError(f"--resume with other settings than the checkpoint's: {', '.join(changed)}")
+    with safe_open(path, "pt") as f:
+        step = int(f.metadata()["step"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    with torch.no_grad():
+        for n, p in theta_prime.items():
+            p.copy_(tensors[f"theta.{n}"])
+        for j, s in enumerate(S):
+            s["x"].copy_(tensors[f"pi.{j}"])
+    unflatten("opt", opt, tensors, device)
+    for j, s in enumerate(S):
+        unflatten(f"piopt{j}", s["opt"], tensors, device)
+    gen.set_state(tensors["rng"])
+    lines = open(logpath).readlines()[:step] if os.path.exists(logpath) else []
+    with open(logpath, "w") as f:  # drop what was logged after the checkpoint
+        f.writelines(lines)
+    return step
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,157 @@
+"""Algorithm 1 (Find Adversarial Concept): Gumbel-Softmax search over a concept space R.
+
+Section 4 and Appendix B.1. For each erased concept c_e:
+- R: a word list (`--vocab`), each word's embedding tau(word) computed once: the text
+  encoder's full (77, D) output for the prompt made of that word alone, cached on disk;
+- the K candidates nearest to c_e (`--select similar`: the K most similar by cosine
+  similarity, as the paper says; `--select kmeans`: the published code's two stages,
+  the `--k_closest` nearest by L2 distance, then 1-D k-means on those distances, keeping
+  the word nearest each of K centroids);
+- logits pi (K,), uniform at the start; c_a = G(pi) R with G the Gumbel-Softmax of
+  temperature tau, hard (one-hot forward, straight-through gradient) or soft;
+- N_iter ascent steps pi <- pi + eta grad_pi L2 (erase.py supplies L2 and calls `ascend`).
+`--search pgd` instead ascends a continuous c_a started at c_e (Fig. 4, top).
+
+The vocabularies: a file (one concept per line); "clip", the tokenizer's own vocabulary
+filtered to whole alphabetic words (Table 7); "default", the 3,000 most frequent English
+words from wordfreq, alphabetic only (2,937 words): an open stand-in for the Oxford 3000
+list the paper uses, whose licence does not allow shipping it.
+"""
+import hashlib
+import os
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sample import UsageError, encode
+
+
+def load_vocab(spec, tokenizer, erased=(), keep_erased=False):
+    """The concept space R as a list of words. R = C \\ E as printed: erased concepts are
+    dropped (the published code keeps them; --keep_erased)."""
+    if spec == "default":
+        from wordfreq import top_n_list
+        words = [w for w in top_n_list("en", 3000) if w.isalpha() and w.isascii()]
+    elif spec == "clip":
+        words = sorted(t[:-4] for t in tokenizer.get_vocab()
+                       if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii())
+    else:
+        if not os.path.isfile(spec):
+            raise UsageError(f"vocabulary file {spec} does not exist")
+        words = [w.strip() for w in open(spec, encoding="utf-8")]
+        words = list(dict.fromkeys(w for w in words if w))
+        if not words:
+            raise UsageError(f"vocabulary file {spec} is empty")
+    if not keep_erased:
+        drop = {e.lower() for e in erased}
+        words = [w for w in words if w.lower() not in drop]
+    return words
+
+
+def embed_vocab(m, words, cache_dir, batch=256):
+    """tau(word) for every word of R: (N, 77, D), fp16 on the CPU. Computed once and cached
+    as safetensors under a key made of the model, its text encoder's weights and R."""
+    w0 = m.text_encoder.get_input_embeddings().weight
+    key = hashlib.sha1("\n".join([str(m.name), f"{float(w0.float().sum()):.6e}", *words])
+                       .encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"vocab-{key}.safetensors")
+    if os.path.isfile(path):
+        return load_file(path)["R"]
+    chunks = [encode(m, words[i:i + batch]).half().cpu()
+              for i in tqdm(range(0, len(words), batch), desc=f"embedding {len(words)} concepts")]
+    R = torch.cat(chunks)
+    os.makedirs(cache_dir, exist_ok=True)
+    save_file({"R": R}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a half-written cache is never read
+    return R
+
+
+def kmeans_1d(d, K, iters=50):
+    """Cluster the values d (N,) into K groups; return the index of the value nearest each centroid."""
+    mu = torch.quantile(d, torch.linspace(0, 1, K, dtype=d.dtype))
+    for _ in range(iters):
+        assign = (d[:, None] - mu[None]).abs().argmin(1)
+        for j in range(K):
+            if (assign == j).any():
+                mu[j] = d[assign == j].mean()
+    chosen = []
+    for j in range(K):  # nearest still-unchosen value to each centroid: K distinct words
+        order = (d - mu[j]).abs().argsort()
+        chosen.append(next(int(i) for i in order if int(i) not in chosen))
+    return torch.tensor(chosen)
+
+
+def candidates(R, c_e, K, select="similar", k_closest=1000):
+    """Indices of the K candidates in R for one erased concept c_e (77, D)."""
+    if K > len(R):
+        raise UsageError(f"K = {K} is larger than the vocabulary ({len(R)} concepts)")
+    flat = rearrange(R.float(), "n l d -> n (l d)")
+    target = rearrange(c_e.float().cpu(), "l d -> 1 (l d)")
+    if select == "similar":  # Appendix B.1: the K most similar concepts by cosine similarity
+        return F.cosine_similarity(flat, target).topk(K).indices
+    # published code: k_closest by L2 distance, then K representatives by 1-D k-means
+    d = (flat - target).norm(dim=1)
+    near = d.topk(min(max(k_closest, K), len(R)), largest=False).indices
+    return near[kmeans_1d(d[near], K)]
+
+
+def gumbel_softmax(pi, tau, hard, generator):
+    """G(pi): y = softmax((pi + g) / tau), g = -log(-log u), u ~ U(0, 1). Hard: the forward
+    value is one_hot(argmax y), the gradient that of the soft y (straight-through)."""
+    u = torch.rand(pi.shape, generator=generator).clamp(1e-10, 1 - 1e-10).to(pi.device)
+    y = ((pi - torch.log(-torch.log(u))) / tau).softmax(-1)
+    if not hard:
+        return y
+    y_hard = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
+    return y_hard - y.detach() + y
+
+
+def mix(y, R_K):
+    """c_a = G(pi) R: the mixture of candidate embeddings, (K,) x (K, 77, D) -> (1, 77, D)."""
+    return einsum(y, R_K, "k, k l d -> l d")[None]
+
+
+def new_search(m, words, R, c_e, args, device):
+    """Algorithm 1's state for each erased concept: its candidates and logits pi, with an
+    optimiser (Adam, as the published code; `--pi_optim sgd` is the printed plain ascent)."""
+    states = []
+    for i in range(len(c_e)):
+        if args.search == "pgd":  # Fig. 4 (top): continuous c_a, initialised at c_e
+            x = c_e[i:i + 1].detach().clone().float().requires_grad_(True)
+            idx = candidates(R, c_e[i], min(args.K, len(R)), args.select, args.k_closest)
+        else:
+            x = torch.zeros(args.K, device=device, requires_grad=True)  # pi, uniform
+            idx = candidates(R, c_e[i], args.K, args.select, args.k_closest)
+        opt = (torch.optim.Adam if args.pi_optim == "adam" else torch.optim.SGD)([x], lr=args.eta)
+        states.append(dict(x=x, opt=opt, words=[words[j] for j in idx],
+                           R_K=R[idx].float().to(device)))
+    return states
+
+
+def draw(s, args, generator):
+    """The current adversarial concept c_a (1, 77, D): G(pi) R, or the continuous c_a (pgd)."""
+    if args.search == "pgd":
+        return s["x"]
+    return mix(gumbel_softmax(s["x"], args.tau, args.hard, generator), s["R_K"])
+
+
+def ascend(s, l2_of, args, generator):
+    """Algorithm 1, one step: pi <- pi + eta grad_pi L2(G(pi) R). Only pi moves: the gradient
+    is taken with respect to pi alone, so nothing accumulates on the UNet's parameters."""
+    l2 = l2_of(draw(s, args, generator))
+    (grad,) = torch.autograd.grad(l2, s["x"])
+    s["x"].grad = -grad  # the optimiser descends; descending -L2 ascends L2
+    s["opt"].step()
+    return float(l2.detach())
+
+
+def chosen(s, args):
+    """The concept logged for c_a: argmax pi, or (pgd) the candidate nearest by cosine."""
+    if args.search == "pgd":
+        sim = F.cosine_similarity(rearrange(s["R_K"], "k l d -> k (l d)"),
+                                  rearrange(s["x"].detach(), "1 l d -> 1 (l d)"))
+        return s["words"][int(sim.argmax())]
+    return s["words"][int(s["x"].argmax())]
