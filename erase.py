@@ -98,6 +98,13 @@ def trained_parameter_names(unet, train_method):
     return names
 
 
+def frozen(unet, theta):
+    """eps_theta: the UNet with the original values theta of the trained subset swapped in."""
+    def eps_theta(z, t, c):
+        return functional_call(unet, theta, (z, t), {"encoder_hidden_states": c}).sample
+    return eps_theta
+
+
 def flatten(prefix, opt):
     """An optimiser's state as flat tensors (safetensors holds tensors only)."""
     return {f"{prefix}.{i}.{k}": v.detach().cpu().contiguous()
@@ -143,8 +150,7 @@ def main(argv=None):
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in training mode; SD's UNet has no dropout
 
-    def eps_theta(z, t, c):  # the original, frozen model
-        return functional_call(unet, theta, (z, t), {"encoder_hidden_states": c}).sample
+    eps_theta = frozen(unet, theta)  # the original model
 
     def eps_theta_prime(z, t, c):  # the model being trained
         return unet(z, t, encoder_hidden_states=c).sample
@@ -241,7 +247,7 @@ def main(argv=None):
         opt.step()
 
         c_a_word = search.chosen(S[i], args) if searched else args.preserve
-        rec = dict(step=k, loss=float(loss), l1=float(l1), l2=float(l2), t=int(t),
+        rec = dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t),
                    c_e=args.concepts[i], c_a=c_a_word)
         log.write(json.dumps(rec) + "\n")
         bar.set_postfix(l1=f"{rec['l1']:.4f}", l2=f"{rec['l2']:.4f}", c_a=c_a_word)
