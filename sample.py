@@ -8,10 +8,17 @@ The sampler serves two purposes:
   StableDiffusionPipeline + DDIMScheduler (tests/test_sample.py checks this).
 
     python sample.py --prompts "garbage truck, church" --seeds 0 1 2 --weights out/weights.safetensors
+    python sample.py --csv imagenette.csv --out_dir gen/erased --weights out/weights.safetensors
+
+The second form generates a prompt file into a folder of PNGs for evaluate.py (Section 5's
+settings: 100 DDIM steps, guidance 7.5), resumable, and sharded across GPUs when started with
+`torchrun --nproc_per_node 8 sample.py ...` or `accelerate launch sample.py ...`.
 """
 import argparse
+import csv
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -179,19 +186,75 @@ def parse_args(argv=None):
     p.add_argument("--weights", help="erase.py's .safetensors: shown beside the original model")
     p.add_argument("--prompts", default="garbage truck, church", help="comma-separated")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (grid 50, --csv 100)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--device", default=default_device())
-    p.add_argument("--out", default="samples.png")
-    return p.parse_args(argv)
+    p.add_argument("--out", default="samples.png", help="the grid's PNG")
+    p.add_argument("--csv", help="prompt file (columns prompt, seed; optional guidance): one "
+                                 "PNG per row into --out_dir (Section 5's settings by default)")
+    p.add_argument("--out_dir", help="with --csv: folder of {row:05d}.png and prompts.csv")
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args(argv)
+    if args.csv and not args.out_dir:
+        raise UsageError("--csv needs --out_dir")
+    return args
+
+
+def read_prompts(path):
+    """Rows of a prompt CSV with at least `prompt` and `seed` columns."""
+    if not os.path.isfile(path):
+        raise UsageError(f"prompt file {path} does not exist")
+    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+    if not rows or not {"prompt", "seed"} <= set(rows[0]):
+        raise UsageError(f"prompt file {path} has no rows with columns prompt and seed")
+    return rows
+
+
+def generate_csv(m, args):
+    """Section 5's generation: one PNG per CSV row (DIR/{row:05d}.png), 100 DDIM steps, guidance
+    7.5 unless the row says otherwise. Resumable: rows whose PNG exists are skipped, and a PNG
+    is written under a temporary name, then renamed. Started by torchrun / accelerate launch,
+    each process takes the rows i with i % WORLD_SIZE == RANK."""
+    rows = read_prompts(args.csv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    os.makedirs(args.out_dir, exist_ok=True)
+    if rank == 0:
+        shutil.copyfile(args.csv, os.path.join(args.out_dir, "prompts.csv"))
+    todo = [i for i in range(rank, len(rows), world)
+            if not os.path.exists(os.path.join(args.out_dir, f"{i:05d}.png"))]
+    steps = args.steps or 100
+    for j in tqdm(range(0, len(todo), args.batch), desc=f"rank {rank}: {len(todo)} images"):
+        chunk = todo[j:j + args.batch]
+        by_guidance = {}
+        for i in chunk:  # rows of one batch may ask for different guidance scales
+            by_guidance.setdefault(float(rows[i].get("guidance") or args.guidance), []).append(i)
+        for g, idx in by_guidance.items():
+            imgs = generate(m, [rows[i]["prompt"] for i in idx], [int(rows[i]["seed"]) for i in idx],
+                            g, steps, batch=len(idx), progress=False)
+            for i, x in zip(idx, imgs):
+                path = os.path.join(args.out_dir, f"{i:05d}.png")
+                Image.fromarray(x).save(path + ".tmp.png")
+                os.replace(path + ".tmp.png", path)
+    print(json.dumps({"wrote": args.out_dir, "rows": len(rows), "generated": len(todo), "rank": rank}))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.csv:
+        read_prompts(args.csv)  # refuse a bad file before loading the model
+        if "LOCAL_RANK" in os.environ and args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        m = load_model(args.model, args.device)
+        if args.weights:
+            load_weights(m.unet, args.weights)
+        return generate_csv(m, args)
+    args.steps = args.steps or 50
     prompts = [p.strip() for p in args.prompts.split(",")]
     if not all(prompts):
         raise UsageError("empty prompt in --prompts")
     m = load_model(args.model, args.device)
+    if args.weights and not (os.path.isfile(args.weights) and args.weights.endswith(".safetensors")):
+        raise UsageError(f"weights {args.weights} is not a .safetensors file")
     pairs = [(p, s) for p in prompts for s in args.seeds]
 
     def panel(title):

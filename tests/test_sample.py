@@ -1,0 +1,109 @@
+"""sample.py: agreement with diffusers' StableDiffusionPipeline, the grid, prompt files."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from sample import UsageError
+
+
+def test_ddim_agrees_with_stable_diffusion_pipeline(tiny_sd):
+    from diffusers import StableDiffusionPipeline
+    m = sample.load_model(tiny_sd)
+    prompts, seeds = ["a photo of a garbage truck", "church"], [0, 1]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    z_T = torch.cat([sample.noise(m, 1, s, "cpu") for s in seeds])
+    kw = dict(num_inference_steps=20, guidance_scale=7.5, latents=z_T)
+    theirs = pipe(prompts, output_type="latent", **kw).images
+    ours, t = sample.ddim(m.unet, m.scheduler, z_T, sample.encode(m, prompts),
+                          sample.encode(m, ["", ""]), 7.5, 20)
+    assert t == 0 and torch.allclose(ours, theirs, atol=1e-6)
+    images = pipe(prompts, output_type="np", **kw).images
+    mine = np.stack(sample.generate(m, prompts, seeds, 7.5, 20, progress=False))
+    assert np.abs(images * 255 - mine).max() <= 0.5 + 1e-3  # the same up to rounding to uint8
+
+
+def test_stopping_at_step_t_returns_z_t_and_its_timestep(tiny_sd):
+    m = sample.load_model(tiny_sd)
+    z_T, c = sample.noise(m, 1, 0, "cpu"), sample.encode(m, ["church"])
+    z0, t0 = sample.ddim(m.unet, m.scheduler, z_T, c, sample.encode(m, [""]), 3.0, 50, stop=0)
+    assert torch.equal(z0, z_T) and t0 == 981  # SD-1.4's DDIM: 981, 961, ..., 1
+    z7, t7 = sample.ddim(m.unet, m.scheduler, z_T, c, sample.encode(m, [""]), 3.0, 50, stop=7)
+    assert t7 == 981 - 7 * 20 and not torch.equal(z7, z_T)
+
+
+def test_grid_cli_original_beside_erased(tiny_sd, tmp_path):
+    import erase
+    weights = erase.main(["--model", tiny_sd, "--concept", "church", "--method", "esd",
+                          "--steps", "2", "--lr", "1e-2", "--ddim_steps", "4", "--device", "cpu",
+                          "--out", str(tmp_path / "erased")])
+    out = tmp_path / "grid.png"
+    sample.main(["--model", tiny_sd, "--prompts", "church, garbage truck", "--seeds", "0", "1", "2",
+                 "--steps", "4", "--weights", weights, "--out", str(out), "--device", "cpu"])
+    img = Image.open(out)
+    assert img.height >= 2 * 16 and img.width > 2 * (160 + 3 * 16)
+    assert sorted(os.listdir(tmp_path)) == ["erased", "grid.png"]
+
+
+def test_bad_weights_are_refused(tiny_sd, tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+    save_file({"not.a.unet.param": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    m = sample.load_model(tiny_sd)
+    with pytest.raises(UsageError, match="do not fit"):
+        sample.load_weights(m.unet, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UsageError, match="not a .safetensors"):
+        sample.main(["--model", tiny_sd, "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "g.png")])
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_prompt_file_to_folder_is_resumable_and_sharded(tiny_sd, tmp_path, monkeypatch):
+    rows = [dict(prompt=p, seed=s, guidance=g) for p, s, g in
+            [("church", 0, 7.5), ("garbage truck", 1, 3.0), ("church", 2, ""), ("tench", 3, 7.5)]]
+    write_csv(tmp_path / "p.csv", rows)
+    argv = ["--model", tiny_sd, "--csv", str(tmp_path / "p.csv"), "--out_dir", str(tmp_path / "g"),
+            "--steps", "3", "--device", "cpu"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    sample.main(argv)  # rank 1 of 2: rows 1 and 3
+    assert sorted(os.listdir(tmp_path / "g")) == ["00001.png", "00003.png"]
+    monkeypatch.setenv("RANK", "0")
+    sample.main(argv)
+    files = sorted(os.listdir(tmp_path / "g"))
+    assert files == ["00000.png", "00001.png", "00002.png", "00003.png", "prompts.csv"]
+    alone = sample.generate(sample.load_model(tiny_sd), ["garbage truck"], [1], 3.0, 3, progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g" / "00001.png")), alone[0])
+    stamp = os.path.getmtime(tmp_path / "g" / "00000.png")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    sample.main(argv)  # all done: nothing is generated again
+    assert os.path.getmtime(tmp_path / "g" / "00000.png") == stamp
+
+
+def test_bad_prompt_files(tiny_sd, tmp_path):
+    (tmp_path / "e.csv").write_text("prompt,seed\n")
+    for bad, msg in [("e.csv", "no rows"), ("missing.csv", "does not exist")]:
+        with pytest.raises(UsageError, match=msg):
+            sample.main(["--model", tiny_sd, "--csv", str(tmp_path / bad), "--out_dir", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
+
+
+def test_model_paths(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        sample.load_model(str(tmp_path / "nothing"))
+    with pytest.raises(UsageError, match="not a diffusers folder"):
+        sample.load_model(str(tmp_path))
+    with pytest.raises(UsageError, match="could not load"):
+        sample.load_model("CompVis/stable-diffusion-v1-4")  # offline: a clear line, not a traceback
