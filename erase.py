@@ -17,6 +17,7 @@ names), config.json (the resolved settings) and log.jsonl (one line per model up
 import argparse
 import json
 import os
+import time
 import warnings
 
 import torch
@@ -127,12 +128,13 @@ def save_atomic(tensors, path, metadata=None):
     os.replace(path + ".tmp", path)
 
 
-def main(argv=None):
+def main(argv=None, m=None):
+    """Algorithm 2. `m` (sample.load_model's result) skips loading: bench.py passes its own."""
     args = parse_args(argv)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device here")
-    m = load_model(args.model, device)
+    m = m or load_model(args.model, device)
     unet = m.unet
     if device == "cpu" and sum(p.numel() for p in unet.parameters()) > 1e8:
         warnings.warn("running a full-size UNet on the CPU: impractically slow (about a minute "
@@ -179,6 +181,7 @@ def main(argv=None):
 
     bar = trange(start, args.steps, initial=start, total=args.steps, desc=f"{args.method}")
     for k in bar:
+        tic = time.perf_counter()
         # c_e ~ E
         i = int(torch.randint(len(args.concepts), (1,), generator=gen))
         c_e_i = c_e[i:i + 1]
@@ -247,8 +250,8 @@ def main(argv=None):
         opt.step()
 
         c_a_word = search.chosen(S[i], args) if searched else args.preserve
-        rec = dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t),
-                   c_e=args.concepts[i], c_a=c_a_word)
+        rec = dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=t_enc,
+                   c_e=args.concepts[i], c_a=c_a_word, seconds=round(time.perf_counter() - tic, 4))
         log.write(json.dumps(rec) + "\n")
         bar.set_postfix(l1=f"{rec['l1']:.4f}", l2=f"{rec['l2']:.4f}", c_a=c_a_word)
         if args.save_every and (k + 1) % args.save_every == 0 and k + 1 < args.steps:
