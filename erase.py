@@ -166,6 +166,7 @@ def main(argv=None, m=None):
         words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
         R = search.embed_vocab(m, words, args.cache_dir)
         S = search.new_search(m, words, R, c_e, args, device)  # one pi per erased concept
+    m.text_encoder.to("cpu")  # every text embedding is computed: free its memory on the GPU
     opt = torch.optim.Adam(theta_prime.values(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw, so a resume replays them
     abar = m.scheduler.alphas_cumprod.to(device)

@@ -32,3 +32,15 @@ def test_bf16_and_fp32_losses_agree(tiny_sd, tmp_path):
             # most 2 sqrt(L) 0.02 + 0.02^2; on this random model L is small (c barely matters)
             tol = 2 * a[key] ** 0.5 * 0.02 + 4e-4
             assert abs(a[key] - b[key]) <= tol, (key, a[key], b[key])
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_sd, tmp_path):
+    from safetensors.torch import load_file
+    w = {}
+    for flag in ([], ["--grad_checkpointing"]):
+        out = tmp_path / ("ckpt" if flag else "plain")
+        w[bool(flag)] = load_file(erase.main(["--model", tiny_sd, "--concept", "church", "--method", "esd",
+                                              "--train_method", "noxattn", "--steps", "2", "--lr", "1e-3",
+                                              "--ddim_steps", "3", "--device", "cpu", "--out", str(out),
+                                              *flag]))
+    assert all(torch.allclose(w[True][n], w[False][n], atol=1e-6) for n in w[False])

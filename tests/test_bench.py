@@ -1,0 +1,28 @@
+"""bench.py runs (tiny size, CPU) and counts what the published schedule costs more."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_smoke_counts_forwards(tmp_path):
+    out = tmp_path / "b.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--size",
+                        "tiny", "--updates", "2", "--ddim_steps", "6", "--json", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.load(open(out))
+    for key in ("device", "forwards_per_update_ours", "forwards_per_update_baseline",
+                "seconds_per_update_ours", "seconds_per_update_baseline",
+                "peak_memory_bytes_ours", "peak_memory_bytes_baseline"):
+        assert key in r
+    # per update, t_enc DDIM steps with guidance: ours samples z and z_r once (4 t_enc), runs
+    # 2 forwards per search step and 5 in the model step; the baseline re-samples both at each
+    # of its N_iter + 1 loop iterations (12 t_enc), 2 per search step, 5 in the model step
+    n = len(r["t_enc"])
+    ours = sum(4 * t + 2 * 2 + 5 for t in r["t_enc"]) / n
+    base = sum(12 * t + 2 * 2 + 5 for t in r["t_enc"]) / n
+    assert r["forwards_per_update_ours"] == ours and r["forwards_per_update_baseline"] == base
+    assert "ours" in p.stdout and "baseline" in p.stdout

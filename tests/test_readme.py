@@ -1,0 +1,63 @@
+"""Every erase.py, sample.py (grid), offline.py and bench.py command in the README runs here,
+on a tiny random model, CPU, a few steps (flags appended last override the README's)."""
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+import erase
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands(script):
+    text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
+    return [shlex.split(line.strip())[2:] for line in text.splitlines()
+            if line.strip().startswith(f"python {script} ")]
+
+
+ERASE = readme_commands("erase.py")
+
+
+def test_the_readme_has_the_commands():
+    assert ERASE and readme_commands("sample.py") and readme_commands("bench.py")
+    assert ["--concept", "garbage truck"] in ERASE
+
+
+@pytest.mark.parametrize("argv", ERASE, ids=[" ".join(a)[:60] for a in ERASE])
+def test_erase_commands(argv, tiny_sd, tmp_path):
+    path = erase.main(argv + ["--model", tiny_sd, "--steps", "2", "--ddim_steps", "3",
+                              "--device", "cpu", "--out", str(tmp_path / "out"),
+                              "--cache_dir", os.path.join(os.path.dirname(tiny_sd), "cache")])
+    assert os.path.isfile(path)
+
+
+def test_sample_and_offline_commands(tiny_sd, tmp_path):
+    made = tmp_path / "tiny-sd"
+    for argv in readme_commands("offline.py"):
+        argv = [made if a == "/tmp/tiny-sd" else a for a in argv]
+        subprocess.run([sys.executable, os.path.join(ROOT, "offline.py"), *map(str, argv)], check=True)
+    assert (made / "model_index.json").exists()
+    weights = erase.main(["--model", tiny_sd, "--concept", "church", "--method", "esd", "--steps", "1",
+                          "--ddim_steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
+    for argv in readme_commands("sample.py"):
+        if "--csv" in argv:
+            continue  # prompt files: tests/test_evaluate.py runs the evaluation commands
+        argv = [weights if a == "out/weights.safetensors" else a for a in argv]
+        sample.main(argv + ["--model", tiny_sd, "--steps", "2", "--device", "cpu",
+                            "--out", str(tmp_path / "grid.png")])
+        assert (tmp_path / "grid.png").exists()
+
+
+def test_bench_commands(tmp_path):
+    for argv in readme_commands("bench.py"):
+        if "--json" in argv:  # written to the test's own folder instead
+            i = argv.index("--json")
+            argv = argv[:i] + argv[i + 2:]
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *argv, "--device", "cpu",
+                            "--size", "tiny", "--updates", "1", "--ddim_steps", "3",
+                            "--json", str(tmp_path / "b.json")], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-1000:]
