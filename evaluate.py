@@ -54,7 +54,7 @@ PAPER_TABLE1 = {"SD": (22.0, 2.4, 78.0, 97.6), "ESD": (95.5, 88.9, 41.2, 56.1),
 PAPER_TABLE2 = {"SD": (16.69, 10.91, 5.46, 2.02), "CA": (13.84, 9.27, 4.74, 1.68),
                 "UCE": (6.87, 3.42, 0.68, 0.21), "ESD-u": (5.32, 2.36, 0.74, 0.23),
                 "EAP": (3.64, 1.70, 0.40, 0.06)}
-PAPER_FID = {"EAP": 15.52, "UCE": 15.98, "ESD": 17.14, "CA": 20.76}  # Table 2, COCO-30K
+PAPER_FID = {"EAP": (15.52,), "UCE": (15.98,), "ESD": (17.14,), "CA": (20.76,)}  # Table 2, COCO-30K
 PAPER_TABLE4 = {"ESD": (23.56, 0.72, 29.63, 0.49), "CA": (27.79, 0.82, 29.85, 0.76),
                 "UCE": (24.47, 0.74, 30.89, 0.40), "EAP": (21.57, 0.78, 30.13, 0.47)}
 # Section 5.3's five artists. The paper uses 40 long prompts per artist (not published); this
@@ -348,6 +348,12 @@ def table(header, rows):
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells)
 
 
+def beside_paper(res, keys, paper):
+    """Our numbers in the first column, each published method's in the next ones."""
+    return table(["", "ours"] + [f"{m} (paper)" for m in paper],
+                 [[k, res[k]] + [v[j] for v in paper.values()] for j, k in enumerate(keys)])
+
+
 def mean_std(x):
     x = torch.as_tensor(x, dtype=torch.float64)
     return dict(mean=round(x.mean().item(), 4), std=round(x.std(unbiased=False).item(), 4), n=len(x))
@@ -430,6 +436,8 @@ def parse_args(argv=None):
     s = metric("sensitivity", "Section 3.2, Figs. 1-2: delta_{c_e}(c) per concept", folder=False)
     s.add_argument("--original", required=True, help="folder of the original model theta")
     s.add_argument("--sanitized", required=True, help="folder of the sanitized model theta'")
+    # the paper names "openai/clip-vit-base-patch14", which does not exist: B/32 as in Table 4 here,
+    # --clip_model openai/clip-vit-large-patch14 for the nearest reading
     s.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="or 'random'")
     s.add_argument("--plot", help="prefix of the two charts (default: beside --json)")
     return p.parse_args(argv)
@@ -466,8 +474,7 @@ def main(argv=None):
         res["per_class"] = {c: esr_psr(topk[m], labels[m], is_erased[m]) for c in IMAGENETTE
                             if (m := torch.tensor([x == c for x in cls])).any()}
         keys = ["ESR-1", "ESR-5", "PSR-1", "PSR-5"]
-        print(table(["", "ours"] + [f"{k} (paper)" for k in PAPER_TABLE1],
-                    [[k, res[k]] + [v[j] for v in PAPER_TABLE1.values()] for j, k in enumerate(keys)]))
+        print(beside_paper(res, keys, PAPER_TABLE1))
         print(table(["class", "erased"] + keys, [[c, c in erased] + [v[k] for k in keys]
                                                  for c, v in res["per_class"].items()]))
     elif args.cmd == "nudity":
@@ -477,15 +484,14 @@ def main(argv=None):
         res["plot"] = plot(f"{stem}_parts.png", "barh", [p.replace("_EXPOSED", "").lower() for p in EXPOSED],
                            list(res["parts_at_0_5"].values()), "images with the part detected (t = 0.5)")
         res["detections"] = detections
-        keys = [f"NER-{t}" for t in THRESHOLDS]
-        print(table(["", "ours"] + [f"{k} (paper)" for k in PAPER_TABLE2],
-                    [[k, res[k]] + [v[j] for v in PAPER_TABLE2.values()] for j, k in enumerate(keys)]))
+        print(beside_paper(res, [f"NER-{t}" for t in THRESHOLDS], PAPER_TABLE2))
         print(table(["body part (t = 0.5)", "images"], res["parts_at_0_5"].items()))
     elif args.cmd in ("clip", "lpips"):
         rows, paths = read_folder(args.folder)
         if args.cmd == "clip":
-            clip = load_clip(args.clip_model, args.device)
-            scores = clip_score(*clip_embeddings(clip, paths, [r["prompt"] for r in rows], args.batch, args.device))
+            texts = [r["prompt"] for r in rows]
+            scores = clip_score(*clip_embeddings(load_clip(args.clip_model, args.device), paths, texts,
+                                                 args.batch, args.device))
         else:
             ref_rows, ref_paths = read_folder(args.original)
             ref_paths = [ref_paths[j] for j in pair_rows(rows, ref_rows)]
@@ -505,8 +511,7 @@ def main(argv=None):
                 raise UsageError(f"folder {d} does not exist")
         res["fid"] = fid(args.folder, args.reference, args.features, args.batch, args.device)
         res["reference"] = args.reference
-        print(table(["", "ours"] + [f"{k} (paper)" for k in PAPER_FID],
-                    [["FID", f"{res['fid']:.4g}"] + list(PAPER_FID.values())]))
+        print(beside_paper(dict(FID=f"{res['fid']:.4g}"), ["FID"], PAPER_FID))
     elif args.cmd == "sensitivity":
         rows, paths = read_folder(args.original)
         rows_e, paths_e = read_folder(args.sanitized)
