@@ -39,7 +39,7 @@ from sample import ddim, encode
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--updates", type=int, default=None, help="model updates timed (GPU 20, CPU 2)")
+    p.add_argument("--updates", type=int, default=None, help="model updates timed after one warm-up (GPU 20, CPU 1)")
     p.add_argument("--latent", type=int, default=None, help="latent size (GPU 64 = 512 px, CPU 8)")
     p.add_argument("--ddim_steps", type=int, default=None, help="GPU 50 (the default), CPU 4")
     p.add_argument("--fast_ddim_steps", type=int, default=None,
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--t_enc", help=argparse.SUPPRESS)  # the baseline replays ours
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
-    a.updates = a.updates or (20 if gpu else 2)
+    a.updates = a.updates or (20 if gpu else 1)
     a.latent = a.latent or (64 if gpu else 8)
     a.ddim_steps = a.ddim_steps or (50 if gpu else 4)
     return a

@@ -260,7 +260,9 @@ SMALL = {"prompts": ["--seeds", "1"], "esr-psr": ["--classifier", "random"],
 
 
 def readme_commands():
-    text = open(os.path.join(ROOT, "readme_parts", "evaluate.md")).read()
+    text = open(os.path.join(ROOT, "README.md")).read()
+    text = text[text.index("\n## Evaluation"):]
+    text = text[:text.index("\n## ", 1)]  # the Evaluation section alone
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     return [shlex.split(line) for b in blocks for line in b.replace("\\\n", " ").splitlines()
             if line.startswith("python ")]

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def readme_commands(script):
     text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
-    return [shlex.split(line.strip())[2:] for line in text.splitlines()
+    return [shlex.split(line.strip(), comments=True)[2:] for line in text.splitlines()
             if line.strip().startswith(f"python {script} ")]
 
 
