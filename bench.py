@@ -26,14 +26,12 @@ import tempfile
 import time
 
 import torch
-from diffusers import UNet2DConditionModel
-from torch.func import functional_call
 
 import erase
 import offline
 import search
 from losses import L1, L2, erase_target, total
-from sample import ddim, encode
+from sample import encode
 
 
 def parse_args(argv=None):

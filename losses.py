@@ -16,7 +16,6 @@ Where the printed paper and the published code differ:
   i.e. the eps loss weighted by (1 - abar_t) / abar_t. erase.py: --loss_space eps|x0
   (default eps, the printed equations).
 """
-import torch
 
 
 def sq(a, b):

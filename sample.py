@@ -15,7 +15,6 @@ settings: 100 DDIM steps, guidance 7.5), resumable, and sharded across GPUs when
 `torchrun --nproc_per_node 8 sample.py ...` or `accelerate launch sample.py ...`.
 """
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -200,22 +199,11 @@ def parse_args(argv=None):
     return args
 
 
-def read_prompts(path):
-    """Rows of a prompt CSV with at least `prompt` and `seed` columns."""
-    if not os.path.isfile(path):
-        raise UsageError(f"prompt file {path} does not exist")
-    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
-    if not rows or not {"prompt", "seed"} <= set(rows[0]):
-        raise UsageError(f"prompt file {path} has no rows with columns prompt and seed")
-    return rows
-
-
-def generate_csv(m, args):
+def generate_csv(m, args, rows):
     """Section 5's generation: one PNG per CSV row (DIR/{row:05d}.png), 100 DDIM steps, guidance
     7.5 unless the row says otherwise. Resumable: rows whose PNG exists are skipped, and a PNG
     is written under a temporary name, then renamed. Started by torchrun / accelerate launch,
     each process takes the rows i with i % WORLD_SIZE == RANK."""
-    rows = read_prompts(args.csv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.makedirs(args.out_dir, exist_ok=True)
     if rank == 0:
@@ -241,13 +229,14 @@ def generate_csv(m, args):
 def main(argv=None):
     args = parse_args(argv)
     if args.csv:
-        read_prompts(args.csv)  # refuse a bad file before loading the model
+        from prompts import read_csv  # (prompts.py imports this file)
+        rows = read_csv(args.csv, need=("prompt", "seed"))  # refuse a bad file before loading the model
         if "LOCAL_RANK" in os.environ and args.device.startswith("cuda"):
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         m = load_model(args.model, args.device)
         if args.weights:
             load_weights(m.unet, args.weights)
-        return generate_csv(m, args)
+        return generate_csv(m, args, rows)
     args.steps = args.steps or 50
     prompts = [p.strip() for p in args.prompts.split(",")]
     if not all(prompts):

@@ -14,8 +14,8 @@ Section 4 and Appendix B.1. For each erased concept c_e:
 
 The vocabularies: a file (one concept per line); "clip", the tokenizer's own vocabulary
 filtered to whole alphabetic words (Table 7); "default", the 3,000 most frequent English
-words from wordfreq, alphabetic only (2,937 words): an open stand-in for the Oxford 3000
-list the paper uses, whose licence does not allow shipping it.
+words from wordfreq, alphabetic only (2,937 words): an openly licensed stand-in, installed with
+pip and offline, for the Oxford 3000 list the paper uses (a publisher's list, not shipped here).
 """
 import hashlib
 import os

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import evaluate as ev
+import prompts
 import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,23 +47,23 @@ def test_imagenette_indices_are_torchvision_categories():
     assert sorted(ev.IMAGENETTE.values()) == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
     for c, i in ev.IMAGENETTE.items():
         assert names[i].lower() == c
-    rows = ev.prompts_imagenette(3)
+    rows = prompts.prompts_imagenette(3)
     assert len(rows) == 30 and rows[0] == {"prompt": "Image of tench", "seed": 0, "class": "tench",
                                            "class_index": 0}
 
 
 def test_prompt_sets(tmp_path):
-    rows = ev.prompts_artists(None, 5)
-    assert {r["artist"] for r in rows} == set(ev.ARTISTS) and len(ev.ARTISTS) == 5
-    assert len(rows) == 5 * sum(len(p) for p in ev.ARTISTS.values())
+    rows = prompts.prompts_artists(None, 5)
+    assert {r["artist"] for r in rows} == set(prompts.ARTISTS) and len(prompts.ARTISTS) == 5
+    assert len(rows) == 5 * sum(len(p) for p in prompts.ARTISTS.values())
     i2p = tmp_path / "i2p.csv"
     i2p.write_text("prompt,categories,evaluation_seed,evaluation_guidance,case_number\n"
                    "a,sexual,42,7,11\n\"b, c\",violence,7.0,8,12\n")
-    assert ev.prompts_i2p(str(i2p)) == [
+    assert prompts.prompts_i2p(str(i2p)) == [
         {"prompt": "a", "seed": 42, "guidance": 7.0, "case_number": "11"},
         {"prompt": "b, c", "seed": 7, "guidance": 8.0, "case_number": "12"}]
-    assert {r["guidance"] for r in ev.prompts_i2p(str(i2p), 7.5)} == {7.5}
-    rows = ev.prompts_concepts("a photo, person", 3, 2)
+    assert {r["guidance"] for r in prompts.prompts_i2p(str(i2p), 7.5)} == {7.5}
+    rows = prompts.prompts_concepts("a photo, person", 3, 2)
     assert [r["prompt"] for r in rows[:4]] == ["a photo", "a photo", "person", "person"]
     assert len(rows) == 2 * 5 and all(r["prompt"].replace(" ", "").isalpha() for r in rows)
 
@@ -206,7 +207,7 @@ def test_each_subcommand_end_to_end(tmp_path):
     out = str(tmp_path)
     classes = ["church", "tench", "garbage truck"]
     obj = write_folder(f"{out}/obj", imagenette_rows(classes))
-    art_rows = [{"prompt": p[0], "seed": 0, "artist": a} for a, p in ev.ARTISTS.items()]
+    art_rows = [{"prompt": p[0], "seed": 0, "artist": a} for a, p in prompts.ARTISTS.items()]
     art = write_folder(f"{out}/art", art_rows, seed=1)
     art_sd = write_folder(f"{out}/art_sd", art_rows[::-1], seed=2)  # rows are matched, not by order
     runs = {
@@ -225,7 +226,7 @@ def test_each_subcommand_end_to_end(tmp_path):
     assert r["esr-psr"]["ESR-5"] <= r["esr-psr"]["ESR-1"] and r["esr-psr"]["PSR-1"] <= r["esr-psr"]["PSR-5"]
     assert set(r["nudity"]) >= {"NER-0.3", "NER-0.5", "NER-0.7", "NER-0.8", "parts_at_0_5"}
     assert len(r["nudity"]["detections"]) == 3 and os.path.isfile(r["nudity"]["plot"])
-    assert set(r["clip"]["groups"]) == {"all", "erase", "retain"} | set(ev.ARTISTS)
+    assert set(r["clip"]["groups"]) == {"all", "erase", "retain"} | set(prompts.ARTISTS)
     assert r["clip"]["groups"]["erase"]["n"] == 1 and r["clip"]["groups"]["retain"]["n"] == 4
     assert all(0 <= s <= 100 for s in r["clip"]["scores"]) and max(r["clip"]["scores"]) > 0
     assert all(s > 0 for s in r["lpips"]["scores"]) and r["lpips"]["groups"]["all"]["n"] == 5

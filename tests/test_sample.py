@@ -1,6 +1,5 @@
 """sample.py: agreement with diffusers' StableDiffusionPipeline, the grid, prompt files."""
 import csv
-import json
 import os
 
 import numpy as np
@@ -94,7 +93,7 @@ def test_prompt_file_to_folder_is_resumable_and_sharded(tiny_sd, tmp_path, monke
 
 def test_bad_prompt_files(tiny_sd, tmp_path):
     (tmp_path / "e.csv").write_text("prompt,seed\n")
-    for bad, msg in [("e.csv", "no rows"), ("missing.csv", "does not exist")]:
+    for bad, msg in [("e.csv", "no data rows"), ("missing.csv", "does not exist")]:
         with pytest.raises(UsageError, match=msg):
             sample.main(["--model", tiny_sd, "--csv", str(tmp_path / bad), "--out_dir", str(tmp_path / "g")])
     assert not (tmp_path / "g").exists()
