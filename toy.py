@@ -1,0 +1,477 @@
+"""A toy world for concept erasure, small enough for a laptop CPU: coloured shapes, a tiny
+SD-shaped text-to-image model trained from scratch, an oracle that reads its images, and a
+benchmark that runs Section 5.1's experiment (erase concepts, ESR-1 / PSR-1, Table 1) and
+Section 3.2's sensitivity analysis (Fig. 1a) in it, every method through erase.py exactly as
+on SD-1.4.
+
+    python toy.py oracle                     # the judge, toy/oracle.safetensors (~2 min)
+    python toy.py train                      # the model, toy/model/ (~30 min on 2 CPU cores)
+    python toy.py vocab                      # toy/vocab.txt: the concept space R of Algorithm 1
+    python toy.py benchmark --out out/toy    # Table 1 + Fig. 1a of the toy world (~15 min)
+    python sample.py --model toy --prompts "a red circle, a blue square" --steps 20
+
+The world: 16x16 RGB images of one shape of one colour on black; 6 colours x 6 shapes = 36
+concepts ("red circle"), captioned "a red circle" / "red circle" (70%), "a circle" / "circle"
+(10%), "a red shape" / "red" (10%), or "" (10%, so that classifier-free guidance works).
+Concepts share words, so erasing "red circle" can hurt "red square" and "blue circle" the way
+erasing "nudity" hurts "woman" in the paper. The model: the parts SD-1.4 is made of, shrunk:
+diffusers' UNet2DConditionModel with cross-attention (pixel space, no VAE: z is the image in
+[-1, 1]), transformers' CLIPTextModel (2 layers, width 32), SD-1.4's real CLIP tokenizer and
+DDIM scheduler (betas), trained jointly with Eq. 1.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import offline
+from sample import TOY, UsageError, generate, grid, load_model, load_weights, run_cli, side_by_side
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
+ORACLE = os.path.join(HERE, "oracle.safetensors")
+VOCAB = os.path.join(HERE, "vocab.txt")
+
+# ---------------------------------------------------------------------------- the world
+COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40),
+           "green": (40, 180, 60), "blue": (40, 90, 230), "purple": (150, 60, 200)}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
+CONCEPTS = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # 36; index = 6 colour + shape
+SIZE, SUPER = 16, 8  # image side; supersampling of the drawing (antialiased edges)
+# words the world never shows: R's unrelated concepts ("garbage truck" for "nudity")
+UNRELATED = ("time people year day man woman child world life hand house car dog cat tree "
+             "water city music book money food night river king road door family friend horse "
+             "bird sea mountain ship garden church letter phone game war school").split()
+
+
+def outline(shape, cx, cy, r):
+    """The shape of radius r at (cx, cy): ("ellipse", box) or ("polygon", points)."""
+    if shape == "circle":
+        return "ellipse", [cx - r, cy - r, cx + r, cy + r]
+    if shape == "square":
+        a = 0.82 * r
+        return "polygon", [(cx - a, cy - a), (cx + a, cy - a), (cx + a, cy + a), (cx - a, cy + a)]
+    if shape == "triangle":
+        return "polygon", [(cx + r * math.cos(a), cy + 0.15 * r + r * math.sin(a))
+                           for a in np.deg2rad([-90, 30, 150])]
+    if shape == "star":  # five points, inner radius 0.45 r
+        return "polygon", [(cx + q * math.cos(a), cy + 0.08 * r + q * math.sin(a)) for q, a in
+                           zip([r, 0.45 * r] * 5, np.deg2rad(-90 + 36 * np.arange(10)))]
+    if shape == "cross":
+        w = 0.33 * r
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w),
+               (-r, w), (-r, -w), (-w, -w)]
+        return "polygon", [(cx + u, cy + v) for u, v in pts]
+    # heart: the classic parametric curve, x = 16 sin^3 s, y = 13 cos s - 5 cos 2s - ...
+    s = np.linspace(0, 2 * np.pi, 60)
+    u, v = 16 * np.sin(s) ** 3, -(13 * np.cos(s) - 5 * np.cos(2 * s) - 2 * np.cos(3 * s) - np.cos(4 * s))
+    return "polygon", [(cx + r * a / 16, cy + r * (b + 2) / 16) for a, b in zip(u, v)]
+
+
+def draw(colour, shape, rng):
+    """One image (SIZE, SIZE, 3) uint8: random radius, position and a +-20 colour jitter."""
+    r = rng.uniform(3.5, 5.5)
+    cx, cy = rng.uniform(r + 0.5, SIZE - r - 0.5, size=2)
+    mask = Image.new("L", (SIZE * SUPER,) * 2, 0)
+    kind, pts = outline(shape, cx * SUPER, cy * SUPER, r * SUPER)
+    getattr(ImageDraw.Draw(mask), kind)(pts, fill=255)
+    alpha = np.asarray(mask.resize((SIZE, SIZE), Image.BOX), np.float32)[..., None] / 255
+    rgb = np.clip(np.array(COLOURS[colour]) + rng.uniform(-20, 20, 3), 0, 255)
+    return (alpha * rgb).round().astype(np.uint8)
+
+
+def caption(colour, shape, rng):
+    """A caption of the image: full (70%), shape only, colour only (10% each), or "" (10%)."""
+    u, a = rng.random(), "a " if rng.random() < 0.5 else ""
+    if u < 0.1:
+        return ""
+    if u < 0.2:
+        return f"{a}{shape}"
+    if u < 0.3:
+        return f"a {colour} shape" if a else colour
+    return f"{a}{colour} {shape}"
+
+
+def world_batch(rng, n):
+    """n random (image, caption, label) triples: x (n, 3, SIZE, SIZE) in [-1, 1], captions,
+    labels (n, 2) = (colour index, shape index)."""
+    labels = rng.integers(0, 6, size=(n, 2))
+    imgs = np.stack([draw(list(COLOURS)[c], SHAPES[s], rng) for c, s in labels])
+    caps = [caption(list(COLOURS)[c], SHAPES[s], rng) for c, s in labels]
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, caps, torch.from_numpy(labels)
+
+
+def vocabulary():
+    """R for Algorithm 1: colour and shape words, their 36 combinations, unrelated words."""
+    return [*COLOURS, *SHAPES, *CONCEPTS, *UNRELATED]
+
+
+def shares_word(c, erased):
+    return bool(set(c.split()) & {w for e in erased for w in e.split()})
+
+
+# ---------------------------------------------------------------------------- the oracle
+def oracle_net():
+    """A small CNN: (B, 3, 16, 16) in [0, 1] -> 6 colour logits and 6 shape logits."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 16, 8, 8)
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 32, 4, 4)
+        nn.Flatten(), nn.Linear(32 * 16, 128), nn.ReLU(), nn.Linear(128, 12))
+
+
+def load_oracle(path=ORACLE):
+    if not os.path.isfile(path):
+        raise UsageError(f"no oracle at {path}: run `python toy.py oracle`")
+    net = oracle_net()
+    net.load_state_dict(load_file(path))
+    return net.eval()
+
+
+@torch.no_grad()
+def recognise(net, images):
+    """The oracle's top-1 reading of uint8 images (H, W, 3): colour and shape indices (N,)."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    logits = torch.cat([net(x[i:i + 512]) for i in range(0, len(x), 512)])
+    return logits[:, :6].argmax(1).numpy(), logits[:, 6:].argmax(1).numpy()
+
+
+def held_out_accuracy(net, seed, n_per_concept=100):
+    """% of fresh clean images (n per concept, drawn from `seed`) read as their own concept."""
+    rng = np.random.default_rng(seed)
+    labels = [(c, s) for c in range(6) for s in range(6) for _ in range(n_per_concept)]
+    col, sh = recognise(net, [draw(list(COLOURS)[c], SHAPES[s], rng) for c, s in labels])
+    truth = np.array(labels)
+    return 100 * float(((col == truth[:, 0]) & (sh == truth[:, 1])).mean())
+
+
+def train_oracle(args):
+    """Cross-entropy on both heads, on clean images with noise and blur added, so that the
+    judge tolerates what a small diffusion model draws. It never sees a generated image."""
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    net = oracle_net()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / args.steps)))
+    for k in range(args.steps):
+        x, _, y = world_batch(rng, 128)
+        x = (x + 1) / 2  # (B, 3, 16, 16) in [0, 1]
+        blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        x = torch.lerp(x, blur, torch.rand(len(x), 1, 1, 1) * (torch.rand(len(x), 1, 1, 1) < 0.3))
+        x = x + torch.rand(len(x), 1, 1, 1) * 0.1 * torch.randn_like(x)
+        logits = net(x)
+        loss = F.cross_entropy(logits[:, :6], y[:, 0]) + F.cross_entropy(logits[:, 6:], y[:, 1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if k % 200 == 0 or k == args.steps - 1:
+            print(f"oracle step {k}: loss {loss.item():.4f}", flush=True)
+    net.eval()
+    acc = held_out_accuracy(net, args.seed + 1)
+    print(json.dumps({"held_out_accuracy": acc, "wrote": args.out}))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_file(net.state_dict(), args.out, metadata={"held_out_accuracy": f"{acc:.2f}"})
+    return acc
+
+
+# ---------------------------------------------------------------------------- the model
+def configs():
+    """SD-1.4's UNet layout (cross-attention down blocks, a plain block at one end, a
+    cross-attention mid block) and CLIP text encoder, shrunk for 16x16 pixels on a CPU."""
+    unet = dict(sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+                block_out_channels=(32, 64, 64), attention_head_dim=4, cross_attention_dim=32,
+                norm_num_groups=8,  # cross-attention at 8x8 and 4x4 (and the mid block)
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    return unet, text
+
+
+def save_model(folder, tokenizer, text_encoder, unet, scheduler, info):
+    """A diffusers folder that sample.load_model reads like an SD checkpoint, without a VAE."""
+    import diffusers
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+    text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"), safe_serialization=True)
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+    none = [None, None]
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "vae": none, "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": none,
+             "feature_extractor": none, "image_encoder": none, "requires_safety_checker": False}
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    with open(os.path.join(tmp, "train.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def train(args):
+    """Eq. 1, L = E ||eps - eps_theta(z_t, t, tau(caption))||^2, from scratch, for the UNet and
+    the text encoder together; the exponential moving average of the weights is saved."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tic, cpu = time.time(), time.process_time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+    unet_cfg, text_cfg = configs()
+    tokenizer = offline.clip_tokenizer()
+    text_encoder, unet = CLIPTextModel(CLIPTextConfig(**text_cfg)), UNet2DConditionModel(**unet_cfg)
+    scheduler = DDIMScheduler(**offline.SD14_SCHEDULER)
+    abar = scheduler.alphas_cumprod  # (1000,)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    # linear warm-up, then cosine decay to 10% of lr
+    lr_at = lambda k: min(1, (k + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * k / args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ema = [p.detach().clone() for p in params]
+    losses = []
+    for k in range(args.steps):
+        x0, caps, _ = world_batch(rng, args.batch)  # (B, 3, 16, 16)
+        ids = tokenizer(caps, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        c = text_encoder(ids)[0]  # tau(caption), (B, 77, 32)
+        t = torch.randint(0, len(abar), (len(x0),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # z_t ~ q(z_t | z_0)
+        loss = (eps - unet(z_t, t, encoder_hidden_states=c).sample).pow(2).mean()  # Eq. 1
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # EMA, decay warmed up from 0
+            d = min(args.ema, (1 + k) / (10 + k))
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - d)
+        losses.append(loss.item())
+        if k % 100 == 0 or k == args.steps - 1:
+            print(f"step {k}: loss {np.mean(losses[-100:]):.4f}  {time.time() - tic:.0f}s", flush=True)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    info = dict(vars(args), final_loss=float(np.mean(losses[-100:])), seconds=round(time.time() - tic),
+                cpu_seconds=round(time.process_time() - cpu),
+                loss_every_100=[round(float(np.mean(losses[i:i + 100])), 4) for i in range(0, len(losses), 100)])
+    save_model(args.out, tokenizer, text_encoder.eval(), unet.eval(), scheduler, info)
+    print(json.dumps({"wrote": args.out, "final_loss": info["final_loss"], "seconds": info["seconds"]}))
+    return info
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def methods(args):
+    """Table 1's rows: erase.py's flags for each method (Fig. 1b's fixed choices included)."""
+    searched = ["--vocab", args.vocab, "--K", str(args.K), "--n_iter", str(args.n_iter),
+                "--eta", str(args.eta), "--tau", str(args.tau)]
+    return {"esd": ["--method", "esd"],
+            "fixed_empty": ["--method", "fixed", "--preserve", ""],
+            "fixed_related": ["--method", "fixed", "--preserve", args.related],
+            "eap": ["--method", "eap", *searched],
+            "age": ["--method", "age", *searched]}
+
+
+def benchmark(args):
+    """Section 5.1 (erase |E| concepts at once; ESR-1 / PSR-1 with the oracle as ResNet-50)
+    and Section 3.2 (delta(c): the drop of the oracle's accuracy on each remaining concept)."""
+    import erase
+    tic = time.time()
+    torch.set_num_threads(args.threads)
+    E = [e.strip() for e in args.erase.split(",")]
+    if not E or any(e not in CONCEPTS for e in E) or args.related in E:
+        raise UsageError(f"--erase takes concepts of the toy world, e.g. 'red circle, blue square'; "
+                         f"--related must not be one of them")
+    m = load_model(args.model, "cpu")
+    oracle = load_oracle(args.oracle)
+    theta = {n: p.detach().clone() for n, p in m.unet.state_dict().items()}
+    seeds = list(range(args.samples))
+    truth = np.repeat(np.array([(i // 6, i % 6) for i in range(36)]), len(seeds), axis=0)
+
+    def accuracy():
+        """Per concept: % of its samples ("a red circle", seeds) the oracle reads as it."""
+        imgs = generate(m, [f"a {c}" for c in CONCEPTS for _ in seeds], seeds * 36, args.guidance,
+                        args.sample_steps, batch=args.batch, progress=False)
+        col, sh = recognise(oracle, imgs)
+        hit = (col == truth[:, 0]) & (sh == truth[:, 1])
+        return 100 * hit.reshape(36, len(seeds)).mean(1), imgs
+
+    acc0, imgs0 = accuracy()
+    print(f"original model: the oracle recognises the prompted concept in {acc0.mean():.1f}% of samples")
+    if acc0.mean() < args.min_accuracy:
+        raise UsageError(f"the original toy model reaches {acc0.mean():.1f}% < {args.min_accuracy}%: "
+                         f"the world is too weak to say anything (retrain, or more --sample_steps)")
+    e_idx = [CONCEPTS.index(e) for e in E]
+    keep = [i for i in range(36) if i not in e_idx]
+    shared = [i for i in keep if shares_word(CONCEPTS[i], E)]
+    unshared = [i for i in keep if not shares_word(CONCEPTS[i], E)]
+
+    def rates(acc):  # ESR-1: erased-concept images not read as it; PSR-1: the rest read as theirs
+        return dict(esr1=round(100 - acc[e_idx].mean(), 2), psr1=round(acc[keep].mean(), 2))
+
+    results = {"original": dict(accuracy=round(acc0.mean(), 2), **rates(acc0),
+                                per_concept=dict(zip(CONCEPTS, acc0.round(1).tolist()))),
+               "methods": {}, "settings": vars(args)}
+    images = {"original": imgs0}
+    common = ["--model", args.model, "--concept", ", ".join(E), "--train_method", args.train_method,
+              "--steps", str(args.erase_steps), "--lr", str(args.lr), "--ddim_steps", str(args.ddim_steps),
+              "--seed", str(args.seed), "--device", "cpu", "--cache_dir", os.path.join(args.out, "cache")]
+    for name, flags in methods(args).items():
+        t0 = time.time()
+        out = os.path.join(args.out, name)
+        m.unet.load_state_dict(theta)
+        weights = erase.main([*common, *flags, "--out", out], m=m)
+        seconds = time.time() - t0
+        m.unet.load_state_dict(theta)
+        load_weights(m.unet, weights)  # as any user would: the file erase.py wrote
+        acc, images[name] = accuracy()
+        drop = acc0 - acc  # delta(c), in percentage points
+        c_a = Counter(json.loads(line)["c_a"] for line in open(os.path.join(out, "log.jsonl")))
+        results["methods"][name] = dict(
+            **rates(acc), drop_shared=round(drop[shared].mean(), 2), drop_unshared=round(drop[unshared].mean(), 2),
+            erase_seconds=round(seconds), c_a_most_often=[w for w, _ in c_a.most_common(3) if w is not None],
+            per_concept=dict(zip(CONCEPTS, acc.round(1).tolist())))
+        print(f"{name}: {json.dumps({k: v for k, v in results['methods'][name].items() if k != 'per_concept'})}",
+              flush=True)
+    m.unet.load_state_dict(theta)
+    results["seconds"] = round(time.time() - tic)
+    table = markdown_table(results, E)
+    print(table)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    picture(images, E, shared, unshared, seeds[:4], os.path.join(args.out, "grid.png"))
+    spectrum(results, acc0, shared, unshared, os.path.join(args.out, "sensitivity.png"))
+    return results
+
+
+def markdown_table(r, E):
+    rows = ["| method | ESR-1 | PSR-1 | accuracy drop, shares a word | accuracy drop, shares none | erase time |",
+            "|---|---|---|---|---|---|",
+            f"| original | {r['original']['esr1']:.1f} | {r['original']['psr1']:.1f} | - | - | - |"]
+    for name, v in r["methods"].items():
+        rows.append(f"| {name} | {v['esr1']:.1f} | {v['psr1']:.1f} | {v['drop_shared']:.1f} | "
+                    f"{v['drop_unshared']:.1f} | {v['erase_seconds']} s |")
+    return f"erased: {', '.join(E)}; rates and drops in %, total {r['seconds']} s\n\n" + "\n".join(rows) + "\n"
+
+
+def picture(images, E, shared, unshared, cols, path):
+    """Original vs each method: rows the erased concepts, two sharing a word, two sharing none."""
+    rows = [CONCEPTS.index(e) for e in E] + shared[:2] + unshared[:2]
+    n = len(images["original"]) // 36
+    big = lambda x: np.kron(x, np.ones((4, 4, 1), np.uint8))  # 16x16 -> 64x64, nearest
+    panels = [grid([[big(imgs[i * n + s]) for s in cols] for i in rows], [CONCEPTS[i] for i in rows], name)
+              for name, imgs in images.items()]
+    side_by_side(panels).save(path)
+
+
+def spectrum(r, acc0, shared, unshared, path):
+    """Fig. 1a / Fig. 2 of the toy world: delta(c) for every remaining concept, per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(r["methods"])
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.2 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        acc = np.array([r["methods"][name]["per_concept"][c] for c in CONCEPTS])
+        order = sorted(shared + unshared, key=lambda i: -(acc0[i] - acc[i]))
+        ax.bar(range(len(order)), [acc0[i] - acc[i] for i in order],
+               color=["tab:orange" if i in shared else "tab:gray" for i in order])
+        ax.set_xticks(range(len(order)), [CONCEPTS[i] for i in order], rotation=90, fontsize=7)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_ylabel("drop (pp)")
+        ax.set_title(f"{name}: mean drop {r['methods'][name]['drop_shared']:.1f} (shares a word with "
+                     f"an erased concept, orange) vs {r['methods'][name]['drop_unshared']:.1f} (none, grey)",
+                     fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump (subcommands' parsers too)
+        raise UsageError(message)
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("oracle", help="train the judge")
+    o.add_argument("--steps", type=int, default=3000)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--out", default=ORACLE)
+    t = sub.add_parser("train", help="train the text-to-image model from scratch")
+    t.add_argument("--steps", type=int, default=2400)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--ema", type=float, default=0.999)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1, help="1: the same result on any machine, and "
+                   "no thrashing where the cores are shared")
+    t.add_argument("--out", default=TOY)
+    v = sub.add_parser("vocab", help="write the concept space R")
+    v.add_argument("--out", default=VOCAB)
+    b = sub.add_parser("benchmark", help="Table 1 and Fig. 1a of the toy world")
+    b.add_argument("--out", required=True)
+    b.add_argument("--model", default="toy")
+    b.add_argument("--oracle", default=ORACLE)
+    b.add_argument("--erase", default="red circle, blue square", help="E, comma-separated")
+    b.add_argument("--related", default="blue circle", help="c_a of fixed_related (Fig. 1b's 'road')")
+    # sampling, as Section 5.1 (guidance 7.5) but with few DDIM steps and seeds
+    b.add_argument("--samples", type=int, default=8, help="seeds per concept")
+    b.add_argument("--sample_steps", type=int, default=20, help="DDIM steps of the samples")
+    b.add_argument("--guidance", type=float, default=7.5)
+    b.add_argument("--batch", type=int, default=96)
+    b.add_argument("--min_accuracy", type=float, default=90.0, help="required of the original model")
+    # erasure (erase.py's flags), the same for every method; scaled down from Appendix B.1
+    b.add_argument("--erase_steps", type=int, default=150)
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--train_method", default="xattn")
+    b.add_argument("--ddim_steps", type=int, default=10, help="DDIM steps of z_t in erase.py")
+    b.add_argument("--vocab", default=VOCAB)
+    b.add_argument("--K", type=int, default=16)
+    b.add_argument("--n_iter", type=int, default=2)
+    b.add_argument("--eta", type=float, default=1e-2)
+    b.add_argument("--tau", type=float, default=2.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=1, help="torch threads (shared cores thrash with 2)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(json.dumps(vars(args)))
+    if args.command == "oracle":
+        return train_oracle(args)
+    if args.command == "train":
+        return train(args)
+    if args.command == "vocab":
+        with open(args.out, "w") as f:
+            f.write("\n".join(vocabulary()) + "\n")
+        return print(json.dumps({"wrote": args.out, "concepts": len(vocabulary())}))
+    os.makedirs(args.out, exist_ok=True)
+    return benchmark(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
