@@ -28,14 +28,14 @@ from tqdm import trange
 
 import search
 from losses import L1, L2, erase_target, in_space, total
-from sample import SD14, UsageError, ddim, default_device, encode, load_model, run_cli
+from sample import (SD14, UsageError, ddim, default_device, encode, load_model, one_line_errors,
+                    run_cli)
 
 RESUME = "resume.state"  # safetensors format; a different suffix keeps one *.safetensors in --out
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Erase concepts from an SD-1.x UNet (Algorithm 2).")
-    p.error = lambda msg: (_ for _ in ()).throw(UsageError(msg))  # one line, no usage dump
+    p = one_line_errors(argparse.ArgumentParser(description="Erase concepts from an SD-1.x UNet."))
     p.add_argument("--model", default=SD14, help="hub id, diffusers folder, or 'toy'")
     p.add_argument("--concept", required=True, help="concept(s) to erase, comma-separated: E")
     p.add_argument("--method", default="eap", choices=["eap", "esd", "fixed", "age"])

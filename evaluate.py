@@ -37,7 +37,7 @@ from PIL import Image
 
 from prompts import (IMAGENETTE, prompts_artists, prompts_concepts, prompts_i2p,
                      prompts_imagenette, read_csv, write_csv)
-from sample import UsageError, default_device, run_cli
+from sample import UsageError, default_device, one_line_errors, run_cli
 
 # Section 5.2: NudeNet v3's exposed body parts, ANUS_EXPOSED left out as in the published code
 EXPOSED = ["FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -300,12 +300,9 @@ def plot(path, kind, labels, values, title):
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    def one_line(parser):  # argparse's errors as one line (UsageError), not a usage dump
-        parser.error = lambda msg: (_ for _ in ()).throw(UsageError(msg))
-        return parser
-    p = one_line(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = one_line(sub.add_parser("prompts", help="write a prompt CSV for sample.py --csv"))
+    q = one_line_errors(sub.add_parser("prompts", help="write a prompt CSV for sample.py --csv"))
     q.add_argument("set", choices=["imagenette", "artists", "i2p", "concepts"])
     q.add_argument("--out", required=True)
     q.add_argument("--file", help="artists: CSV with prompt,artist; i2p: the I2P CSV")
@@ -315,7 +312,7 @@ def parse_args(argv=None):
     q.add_argument("--words", type=int, default=0, help="concepts: add the N most frequent English words")
 
     def metric(name, help, erased_help=None, folder=True):
-        s = one_line(sub.add_parser(name, help=help))
+        s = one_line_errors(sub.add_parser(name, help=help))
         if folder:
             s.add_argument("folder", help="a folder written by sample.py --csv")
         s.add_argument("--json", help="write the results here")

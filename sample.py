@@ -44,6 +44,14 @@ def run_cli(main, argv=None):
         sys.exit(2)
 
 
+def one_line_errors(parser):
+    """argparse's errors (unknown choice, missing flag) as a UsageError: one line, no usage dump."""
+    def error(message):
+        raise UsageError(message)
+    parser.error = error
+    return parser
+
+
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -180,7 +188,7 @@ def side_by_side(images):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--model", default=SD14, help="hub id, diffusers folder, or 'toy'")
     p.add_argument("--weights", help="erase.py's .safetensors: shown beside the original model")
     p.add_argument("--prompts", default="garbage truck, church", help="comma-separated")
