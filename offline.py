@@ -103,17 +103,20 @@ def build(configs, seed=0, vae=True):
             DDIMScheduler(**SD14_SCHEDULER))
 
 
-def save_random_pipeline(folder, configs=None, seed=0):
-    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/, all safetensors) that loads like a real SD-1.x checkpoint."""
+def save_pipeline(folder, tokenizer, text_encoder, unet, vae, scheduler):
+    """Write a diffusers folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/,
+    vae/ unless vae is None, all safetensors) that loads like a real SD-1.x checkpoint."""
     from diffusers import StableDiffusionPipeline
-    tokenizer, text_encoder, unet, vae, scheduler = build(configs or tiny_configs(), seed)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, image_encoder=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def save_random_pipeline(folder, configs=None, seed=0):
+    return save_pipeline(folder, *build(configs or tiny_configs(), seed))
 
 
 if __name__ == "__main__":

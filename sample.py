@@ -163,7 +163,10 @@ def generate(m, prompts, seeds, guidance=7.5, steps=100, batch=8, progress=True)
 
 
 def grid(rows, row_labels, title=None):
-    """rows: list of lists of (H, W, 3) uint8 -> one PIL image, labels on the left."""
+    """rows: list of lists of (H, W, 3) uint8 -> one PIL image, labels on the left. Images
+    under 64 pixels (the toy world's 16) are enlarged, nearest neighbour, to be seen."""
+    k = max(1, 64 // rows[0][0].shape[0])
+    rows = [[np.kron(x, np.ones((k, k, 1), np.uint8)) for x in row] for row in rows]
     h, w = rows[0][0].shape[:2]
     pad, top = 160, 24 if title else 0
     img = Image.new("RGB", (pad + w * len(rows[0]), top + h * len(rows)), "white")
