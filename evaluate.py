@@ -15,6 +15,8 @@ A generated folder is what `python sample.py --csv P.csv --out_dir DIR` writes: 
     python evaluate.py lpips out/artists/eap --original out/artists/sd --erased "Kelly McKernan"
     python evaluate.py fid out/coco/eap --reference coco_val2014/                       # Table 2 FID
     python evaluate.py sensitivity --original out/concepts/sd --sanitized out/concepts/eap  # Figs 1-2
+    python evaluate.py prompts toy --out prompts/toy.csv                   # toy.py's 36 concepts x 8
+    python evaluate.py esr-psr out/toy-eap/images --erased "red circle" --classifier toy  # toy Table 1
 
 Backends, as in the published evaluation where it is known: torchvision ResNet-50 (IMAGENET1K_V2)
 with its own transforms; NudeNet 3's NudeDetector (bundled ONNX); CLIP ViT-B/32 through
@@ -36,7 +38,7 @@ import torch
 from PIL import Image
 
 from prompts import (IMAGENETTE, prompts_artists, prompts_concepts, prompts_i2p,
-                     prompts_imagenette, read_csv, write_csv)
+                     prompts_imagenette, prompts_toy, read_csv, toy_classes, write_csv)
 from sample import UsageError, default_device, one_line_errors, run_cli
 
 # Section 5.2: NudeNet v3's exposed body parts, ANUS_EXPOSED left out as in the published code
@@ -96,7 +98,11 @@ def names(text, known, what):
 # ---------------------------------------------------------------- Table 1: ESR-k / PSR-k
 
 def load_classifier(name, device):
-    """ResNet-50 (IMAGENET1K_V2) and its preprocessing; "random": same net, random weights."""
+    """ResNet-50 (IMAGENET1K_V2) and its preprocessing; "random": same net, random weights;
+    "toy": the toy world's oracle as a 36-way classifier (toy.py), with its classes."""
+    if name == "toy":
+        import toy
+        return toy.Concepts(toy.load_oracle()).to(device), toy.to_tensor
     from torchvision.models import ResNet50_Weights, resnet50
     weights = ResNet50_Weights.IMAGENET1K_V2
     torch.manual_seed(0)
@@ -303,10 +309,11 @@ def parse_args(argv=None):
     p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     sub = p.add_subparsers(dest="cmd", required=True)
     q = one_line_errors(sub.add_parser("prompts", help="write a prompt CSV for sample.py --csv"))
-    q.add_argument("set", choices=["imagenette", "artists", "i2p", "concepts"])
+    q.add_argument("set", choices=["imagenette", "artists", "i2p", "concepts", "toy"])
     q.add_argument("--out", required=True)
     q.add_argument("--file", help="artists: CSV with prompt,artist; i2p: the I2P CSV")
-    q.add_argument("--seeds", type=int, help="seeds per prompt (imagenette 500, artists 5, concepts 200)")
+    q.add_argument("--seeds", type=int, help="seeds per prompt (imagenette 500, artists 5, concepts 200, "
+                   "toy 8)")
     q.add_argument("--guidance", type=float, help="i2p: one guidance for all rows")
     q.add_argument("--concepts", help="concepts: comma-separated list (default: the paper's)")
     q.add_argument("--words", type=int, default=0, help="concepts: add the N most frequent English words")
@@ -322,7 +329,8 @@ def parse_args(argv=None):
             s.add_argument("--erased", default="", help=erased_help)
         return s
     s = metric("esr-psr", "Table 1: ESR-k / PSR-k with ResNet-50", "comma-separated erased classes")
-    s.add_argument("--classifier", default="resnet50", choices=["resnet50", "random"])
+    s.add_argument("--classifier", default="resnet50", choices=["resnet50", "random", "toy"],
+                   help="toy: the toy world's oracle, for folders of `prompts toy`")
     s = metric("nudity", "Table 2 / Fig. 5: NER@t with NudeNet")
     s.add_argument("--plot", help="prefix of the body-part chart (default: beside --json)")
     s = metric("clip", "Table 4: CLIP score of image vs prompt", "comma-separated erased artists")
@@ -348,11 +356,12 @@ def main(argv=None):
     if args.cmd == "prompts":
         if args.seeds is not None and args.seeds < 1:
             raise UsageError("--seeds must be at least 1")
-        seeds = args.seeds or {"imagenette": 500, "artists": 5, "concepts": 200}.get(args.set)
+        seeds = args.seeds or {"imagenette": 500, "artists": 5, "concepts": 200, "toy": 8}.get(args.set)
         rows = {"imagenette": lambda: prompts_imagenette(seeds),
                 "artists": lambda: prompts_artists(args.file, seeds),
                 "i2p": lambda: prompts_i2p(args.file, args.guidance),
-                "concepts": lambda: prompts_concepts(args.concepts, args.words, seeds)}[args.set]()
+                "concepts": lambda: prompts_concepts(args.concepts, args.words, seeds),
+                "toy": lambda: prompts_toy(seeds)}[args.set]()
         write_csv(args.out, rows)
         print(json.dumps({"wrote": args.out, "set": args.set, "rows": len(rows)}))
         return rows
@@ -363,18 +372,19 @@ def main(argv=None):
         rows, paths = read_folder(args.folder)
         if "class" not in rows[0]:
             raise UsageError(f"{args.folder} has no 'class' column (use prompts imagenette)")
-        erased = names(args.erased, IMAGENETTE, "class")
+        classes = toy_classes() if args.classifier == "toy" else IMAGENETTE  # name -> index
+        erased = names(args.erased, classes, "class")
         if not erased:
             raise UsageError("--erased: name the erased classes (the same split for the original model)")
-        cls = [names(r["class"], IMAGENETTE, "class")[0] for r in rows]
-        labels = torch.tensor([IMAGENETTE[c] for c in cls])
+        cls = [names(r["class"], classes, "class")[0] for r in rows]
+        labels = torch.tensor([classes[c] for c in cls])
         is_erased = torch.tensor([c in erased for c in cls])
         topk = topk_classes(*load_classifier(args.classifier, args.device), paths, 5, args.batch, args.device)
         res.update(esr_psr(topk, labels, is_erased), erased=erased, n_images=len(rows))
-        res["per_class"] = {c: esr_psr(topk[m], labels[m], is_erased[m]) for c in IMAGENETTE
+        res["per_class"] = {c: esr_psr(topk[m], labels[m], is_erased[m]) for c in classes
                             if (m := torch.tensor([x == c for x in cls])).any()}
         keys = ["ESR-1", "ESR-5", "PSR-1", "PSR-5"]
-        print(beside_paper(res, keys, PAPER_TABLE1))
+        print(beside_paper(res, keys, {} if args.classifier == "toy" else PAPER_TABLE1))
         print(table(["class", "erased"] + keys, [[c, c in erased] + [v[k] for k in keys]
                                                  for c, v in res["per_class"].items()]))
     elif args.cmd == "nudity":

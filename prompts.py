@@ -105,3 +105,15 @@ def prompts_concepts(concepts, words, seeds):
         from wordfreq import top_n_list
         cs += [w for w in top_n_list("en", 3 * words) if w.isalpha() and w not in cs][:words]
     return [dict(prompt=c, seed=s, concept=c) for c in cs for s in range(seeds)]
+
+
+def toy_classes():
+    """The toy world's 36 concepts (toy.py), name -> index, as IMAGENETTE is for Table 1."""
+    import toy  # imported here: toy.py imports sample.py, which imports this file
+    return {c: i for i, c in enumerate(toy.CONCEPTS)}
+
+
+def prompts_toy(seeds):
+    """toy.py's benchmark prompts: "a {concept}" for each of the 36 concepts, `seeds` seeds."""
+    return [dict(prompt=f"a {c}", seed=s, **{"class": c}, class_index=i)
+            for c, i in toy_classes().items() for s in range(seeds)]
