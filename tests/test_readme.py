@@ -1,5 +1,6 @@
 """Every erase.py, sample.py (grid), offline.py and bench.py command in the README runs here,
-on a tiny random model, CPU, a few steps (flags appended last override the README's)."""
+on a tiny random model, CPU, a few steps (flags appended last override the README's). Those
+with `--model toy` run in tests/test_toy.py, on the toy model."""
 import os
 import shlex
 import subprocess
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def readme_commands(script):
     text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
     return [shlex.split(line.strip(), comments=True)[2:] for line in text.splitlines()
-            if line.strip().startswith(f"python {script} ")]
+            if line.strip().startswith(f"python {script} ") and "--model toy" not in line]
 
 
 ERASE = readme_commands("erase.py")
