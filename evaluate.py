@@ -21,7 +21,8 @@ A generated folder is what `python sample.py --csv P.csv --out_dir DIR` writes: 
 Backends, as in the published evaluation where it is known: torchvision ResNet-50 (IMAGENET1K_V2)
 with its own transforms; NudeNet 3's NudeDetector (bundled ONNX); CLIP ViT-B/32 through
 transformers' CLIPModel, scored directly (torchmetrics 1.9's CLIPScore breaks on transformers 5);
-LPIPS with AlexNet (lpips package); FID with clean-fid ("clean" mode, Inception-v3 torchscript).
+LPIPS with AlexNet (lpips package); FID with clean-fid ("clean" mode, Inception-v3 torchscript) on
+exactly the images of prompts.csv's rows (a plain reference folder: the images directly in it).
 The paper does not say how its FID was computed (only "COCO 30K prompts vs COCO 30K validation
 images"), so FID numbers are comparable only in trend. Each network can be replaced by a
 random-weight one (`--classifier random`, `--clip_model random`, `--lpips_net random`,
@@ -215,6 +216,26 @@ def sensitivity(rows, s_orig, s_erased):
     return {c: float(np.mean(d)) for c, d in deltas.items()}
 
 
+def similarity(rows, e_orig, e_erased):
+    """Fig. 2: the similarity between the outputs of theta and theta' for each concept c (the
+    prompt), the mean over its k seeds of cos(E_img(x_theta), E_img(x_theta')), the CLIP image
+    embeddings of the two models' images of the same seed; 1 for identical images."""
+    sims = {}
+    for r, s in zip(rows, torch.cosine_similarity(e_orig, e_erased, dim=-1).tolist()):
+        sims.setdefault(r["prompt"], []).append(s)
+    return {c: float(np.mean(v)) for c, v in sims.items()}
+
+
+def sensitivity_figures(delta, sims):
+    """What Figs. 1-2 plot, {name: (kind, labels, values, title, xlabel)}: Fig. 1, delta per
+    concept, largest first; Fig. 2, the histogram of the per-concept similarity over concepts."""
+    bars = sorted(delta.items(), key=lambda kv: -kv[1])
+    return {"bars": ("barh", [c for c, _ in bars], [d for _, d in bars],
+                     "Fig. 1: delta(c), original - sanitized CLIP score", None),
+            "hist": ("hist", [], list(sims.values()), "Fig. 2: similarity of the two models' outputs",
+                     "CLIP image-image cosine, original vs sanitized (mean over seeds)")}
+
+
 # ---------------------------------------------------------------- Table 4: LPIPS; Table 2: FID
 
 def load_lpips(name, device):
@@ -234,19 +255,51 @@ def lpips_distances(net, paths, ref_paths, batch=16, device="cpu"):
     return torch.cat(out)
 
 
-def fid(folder, reference, features="inception", batch=32, device="cpu"):
-    """FID between two folders of images with clean-fid (mode "clean"). features="random": a
-    fixed random 4-d feature map, for offline tests only."""
+def fid_images(folder, expected=None, generated=False):
+    """The images that FID (Table 2) scores in `folder`: a `sample.py --csv` folder's (required
+    when `generated`) are exactly the rows of its prompts.csv (read_folder); any other folder's
+    (COCO validation images) are the image files directly in it. Subfolders and sample.py's
+    `*.tmp.png` temporaries are left out: clean-fid on its own globs a folder recursively and
+    would score them too. Refuses fewer than 2 images, or other than `expected` when given."""
+    if generated or os.path.isfile(os.path.join(folder, "prompts.csv")):
+        paths = read_folder(folder)[1]
+    elif not os.path.isdir(folder):
+        raise UsageError(f"folder {folder} does not exist")
+    else:
+        from cleanfid.utils import EXTENSIONS
+        paths = sorted(p for f in os.listdir(folder) if os.path.isfile(p := os.path.join(folder, f))
+                       and os.path.splitext(f)[1][1:] in EXTENSIONS and not f.endswith(".tmp.png"))
+    if expected is not None and len(paths) != expected:
+        raise UsageError(f"{folder} has {len(paths)} images, --n_reference says {expected}")
+    if len(paths) < 2:  # the covariance of one feature vector is undefined
+        raise UsageError(f"FID needs at least 2 images; {folder} has {len(paths)}")
+    return paths
+
+
+def fid_features(name, device):
+    """clean-fid's Inception-v3 torchscript ("clean" mode); "random": a fixed random 4-d feature
+    map, for offline tests only."""
+    if name != "random":
+        from cleanfid.features import build_feature_extractor
+        return build_feature_extractor("clean", torch.device(device))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16, stride=16), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval().to(device)
+    return lambda x: net(x / 255)  # clean-fid feeds (B, 3, 299, 299) in [0, 255]
+
+
+def fid(paths, ref_paths, features="inception", batch=32, device="cpu"):
+    """Table 2's FID between two lists of images (fid_images), clean-fid's "clean" resizing and
+    statistics (what its compute_fid does on two folders), each listed image scored once."""
     from cleanfid import fid as cleanfid
-    extractor = None
-    if features == "random":
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16, stride=16), torch.nn.AdaptiveAvgPool2d(1),
-                                  torch.nn.Flatten()).eval().to(device)
-        extractor = lambda x: net(x / 255)  # noqa: E731; clean-fid feeds (B, 3, 299, 299) in [0, 255]
-    return float(cleanfid.compute_fid(folder, reference, mode="clean", custom_feat_extractor=extractor,
-                                      batch_size=batch, device=torch.device(device), num_workers=0,
-                                      verbose=False))
+    model = fid_features(features, device)
+    feats = [cleanfid.get_files_features(ps, model, num_workers=0, batch_size=batch, mode="clean",
+                                         device=torch.device(device), verbose=False)
+             for ps in (paths, ref_paths)]
+    for f, ps in zip(feats, (paths, ref_paths)):
+        if len(f) != len(ps):
+            raise UsageError(f"clean-fid scored {len(f)} of {len(ps)} images")
+    return float(cleanfid.fid_from_feats(*feats))
 
 
 # ---------------------------------------------------------------- output
@@ -284,7 +337,7 @@ def groups(rows, erased):
     return out
 
 
-def plot(path, kind, labels, values, title):
+def plot(path, kind, labels, values, title, xlabel=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -294,7 +347,8 @@ def plot(path, kind, labels, values, title):
         ax.invert_yaxis()
     else:
         ax.hist(values, bins=min(30, max(5, len(values) // 2)))
-        ax.set_xlabel("delta (CLIP score, original - sanitized)")
+    if xlabel:
+        ax.set_xlabel(xlabel)
     ax.set_title(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -341,7 +395,10 @@ def parse_args(argv=None):
     s = metric("fid", "FID between two folders of images (clean-fid)")
     s.add_argument("--reference", required=True, help="folder of reference images")
     s.add_argument("--features", default="inception", choices=["inception", "random"])
-    s = metric("sensitivity", "Section 3.2, Figs. 1-2: delta_{c_e}(c) per concept", folder=False)
+    s.add_argument("--n_reference", type=int, help="refuse unless the reference has this many images "
+                   "(30000 for COCO-30K)")
+    s = metric("sensitivity", "Section 3.2, Figs. 1-2: delta_{c_e}(c) and the similarity of the two "
+               "models' images per concept", folder=False)
     s.add_argument("--original", required=True, help="folder of the original model theta")
     s.add_argument("--sanitized", required=True, help="folder of the sanitized model theta'")
     # the paper names "openai/clip-vit-base-patch14", which does not exist: B/32 as in Table 4 here,
@@ -416,11 +473,10 @@ def main(argv=None):
         print(table(["paper (Table 4)", "to erase", "to retain"],
                     [[m, v[col[0]], v[col[1]]] for m, v in PAPER_TABLE4.items()]))
     elif args.cmd == "fid":
-        for d in (args.folder, args.reference):
-            if not os.path.isdir(d):
-                raise UsageError(f"folder {d} does not exist")
-        res["fid"] = fid(args.folder, args.reference, args.features, args.batch, args.device)
-        res["reference"] = args.reference
+        paths = fid_images(args.folder, generated=True)  # one image per row, no others
+        ref_paths = fid_images(args.reference, args.n_reference)
+        res["fid"] = fid(paths, ref_paths, args.features, args.batch, args.device)
+        res.update(reference=args.reference, n_images=len(paths), n_reference=len(ref_paths))
         print(beside_paper(dict(FID=f"{res['fid']:.4g}"), ["FID"], PAPER_FID))
     elif args.cmd == "sensitivity":
         rows, paths = read_folder(args.original)
@@ -428,16 +484,17 @@ def main(argv=None):
         paths_e = [paths_e[j] for j in pair_rows(rows, rows_e)]  # same concept and seed
         clip = load_clip(args.clip_model, args.device)
         texts = [r["prompt"] for r in rows]
-        s_orig = clip_score(*clip_embeddings(clip, paths, texts, args.batch, args.device))
-        s_erased = clip_score(*clip_embeddings(clip, paths_e, texts, args.batch, args.device))
-        delta = sensitivity(rows, s_orig, s_erased)
+        (e_orig, e_txt), (e_erased, _) = (clip_embeddings(clip, ps, texts, args.batch, args.device)
+                                          for ps in (paths, paths_e))
+        delta = sensitivity(rows, clip_score(e_orig, e_txt), clip_score(e_erased, e_txt))
+        sims = similarity(rows, e_orig, e_erased)
         res["delta"] = dict(sorted(delta.items(), key=lambda kv: -kv[1]))
+        res["similarity"] = dict(sorted(sims.items(), key=lambda kv: kv[1]))  # most changed first
         res["k"] = len(rows) // len(delta)
-        res["plots"] = [plot(f"{stem}_bars.png", "barh", list(res["delta"]), list(res["delta"].values()),
-                             "Fig. 1: delta(c), original - sanitized CLIP score"),
-                        plot(f"{stem}_hist.png", "hist", [], list(delta.values()),
-                             "Fig. 2: sensitivity spectrum over concepts")]
-        print(table(["concept", "delta"], [[c, round(d, 3)] for c, d in res["delta"].items()]))
+        res["plots"] = [plot(f"{stem}_{name}.png", *fig[:4], xlabel=fig[4])
+                        for name, fig in sensitivity_figures(delta, sims).items()]
+        print(table(["concept", "delta", "similarity"],
+                    [[c, round(d, 3), round(sims[c], 4)] for c, d in res["delta"].items()]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -171,6 +171,49 @@ def test_sensitivity_delta_known_scores():
     assert ev.sensitivity(rows, s_orig, s_erased) == pytest.approx({"person": 8.0, "road": -1.0})
 
 
+def test_similarity_known_embeddings():
+    rows = [{"prompt": c, "seed": s} for c in ["person", "road"] for s in range(3)]
+    e_orig = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    e_erased = torch.tensor([[5.0, 0.0], [0.0, 1.0], [6.0, 8.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    # person: the same directions, cos 1; road: cos 0, 1/sqrt(2), -1
+    assert ev.similarity(rows, e_orig, e_erased) == pytest.approx(
+        {"person": 1.0, "road": (0 + 2 ** -0.5 - 1) / 3})
+
+
+def test_fig2_histogram_is_similarity_not_delta(tmp_path, monkeypatch):
+    """Fig. 2's caption: the histogram is of the similarity between the two models' outputs per
+    concept (CLIP image-image cosine, mean over seeds), not of delta (Fig. 1's bars)."""
+    concepts = ["person", "road", "a photo"]
+    rows = [{"prompt": c, "seed": s} for c in concepts for s in range(3)]
+    rng = np.random.default_rng(0)
+    orig = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in rows]
+    # "person": the same images in both folders; "road": grey squares; "a photo": other noise
+    erased = orig[:3] + [np.full((64, 64, 3), 60 * s, np.uint8) for s in range(3)] + \
+        [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    a = write_folder(str(tmp_path / "sd"), rows, orig)
+    b = write_folder(str(tmp_path / "eap"), rows[::-1], erased[::-1])  # paired by prompt and seed
+    plotted, real_plot = {}, ev.plot
+
+    def spy(path, kind, labels, values, title, **kw):  # what main hands to the plot, per kind
+        plotted[kind] = list(values)
+        return real_plot(path, kind, labels, values, title, **kw)
+    monkeypatch.setattr(ev, "plot", spy)
+    res = ev.main(["sensitivity", "--original", a, "--sanitized", b, "--clip_model", "random",
+                   "--device", "cpu", "--batch", "4", "--json", str(tmp_path / "s.json")])
+    sim = json.load(open(tmp_path / "s.json"))["similarity"]
+    assert sim["person"] == pytest.approx(1.0, abs=1e-6)
+    assert res["delta"]["person"] == pytest.approx(0, abs=1e-4)
+    assert sim["road"] < 1 - 1e-4 and sim["a photo"] < 1 - 1e-4
+    assert sorted(sim.values()) != pytest.approx(sorted(res["delta"].values()))  # the test tells them apart
+    assert list(sim) == sorted(sim, key=sim.get)  # most changed concept first
+    figs = ev.sensitivity_figures(res["delta"], res["similarity"])
+    assert sorted(figs["hist"][2]) == pytest.approx(sorted(sim.values()))
+    assert figs["bars"][1] == list(res["delta"]) and figs["bars"][2] == list(res["delta"].values())
+    assert sorted(plotted["hist"]) == pytest.approx(sorted(sim.values()))  # what main plots
+    assert plotted["barh"] == pytest.approx(list(res["delta"].values()))
+    assert all(os.path.isfile(p) for p in res["plots"])
+
+
 def test_lpips_identical_folders_is_zero(tmp_path):
     rows = [{"prompt": "p", "seed": s} for s in range(3)]
     a = write_folder(str(tmp_path / "a"), rows, seed=0)
@@ -197,8 +240,60 @@ def test_fid_of_folder_with_itself(tmp_path):
     a = write_folder(str(tmp_path / "a"), rows, seed=0)
     grey = [np.full((64, 64, 3), 40 + 10 * i, np.uint8) for i in range(12)]
     b = write_folder(str(tmp_path / "b"), rows, grey)
-    assert abs(ev.fid(a, a, "random")) < 1e-6
-    assert ev.fid(a, b, "random") > 1e-3
+    pa, pb = ev.fid_images(a), ev.fid_images(b)
+    assert abs(ev.fid(pa, pa, "random")) < 1e-6
+    assert ev.fid(pa, pb, "random") > 1e-3
+    # on folders with nothing else in them: what clean-fid's compute_fid gives
+    from cleanfid.fid import compute_fid
+    assert ev.fid(pa, pb, "random", batch=5) == pytest.approx(compute_fid(
+        a, b, mode="clean", custom_feat_extractor=ev.fid_features("random", "cpu"), batch_size=5,
+        device=torch.device("cpu"), num_workers=0, verbose=False), rel=1e-6)
+
+
+def stray_images(folder, grey=255):
+    """What clean-fid's recursive glob would also score: a leftover sample.py temporary, a
+    subfolder's image."""
+    stray = Image.fromarray(np.full((64, 64, 3), grey, np.uint8))
+    stray.save(os.path.join(folder, "00001.png.tmp.png"))
+    os.makedirs(os.path.join(folder, "old"), exist_ok=True)
+    stray.save(os.path.join(folder, "old", "00000.png"))
+
+
+def test_fid_scores_exactly_the_listed_images(tmp_path):
+    rows = [{"prompt": "p", "seed": s} for s in range(12)]
+    a = write_folder(str(tmp_path / "a"), rows, seed=0)
+    b = write_folder(str(tmp_path / "b"), rows, seed=0)  # the same 12 images
+    os.remove(os.path.join(b, "prompts.csv"))            # a plain reference folder (COCO images)
+    stray_images(a, 255)
+    stray_images(b, 0)
+    res = ev.main(["fid", a, "--reference", b, "--features", "random", "--device", "cpu",
+                   "--json", str(tmp_path / "fid.json")])
+    assert abs(res["fid"]) < 1e-6  # the strays are not scored: the same images, FID 0
+    saved = json.load(open(tmp_path / "fid.json"))
+    assert (saved["n_images"], saved["n_reference"]) == (12, 12)
+    res = ev.main(["fid", a, "--reference", b, "--features", "random", "--n_reference", "12"])
+    assert res["n_reference"] == 12
+
+
+def test_fid_refuses_wrong_image_counts(tmp_path):
+    rows = [{"prompt": "p", "seed": s} for s in range(4)]
+    a = write_folder(str(tmp_path / "a"), rows, seed=0)
+    b = write_folder(str(tmp_path / "b"), rows, seed=1)
+    stray_images(b)
+    one = write_folder(str(tmp_path / "one"), rows[:1], seed=2)
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    stray_images(empty)  # only strays: nothing to score
+    args = ["--features", "random", "--device", "cpu"]
+    with pytest.raises(ev.UsageError, match=r"has 4 images, --n_reference says 5"):
+        ev.main(["fid", a, "--reference", b, "--n_reference", "5"] + args)
+    with pytest.raises(ev.UsageError, match=r"FID needs at least 2 images; .*one has 1"):
+        ev.main(["fid", one, "--reference", b] + args)
+    with pytest.raises(ev.UsageError, match=r"FID needs at least 2 images; .*empty has 0"):
+        ev.main(["fid", a, "--reference", empty] + args)
+    os.remove(os.path.join(a, "00002.png"))
+    with pytest.raises(ev.UsageError, match=r"1 of 4 images missing"):
+        ev.main(["fid", a, "--reference", b] + args)
 
 
 # ---------------------------------------------------------------- every subcommand, end to end
@@ -231,8 +326,11 @@ def test_each_subcommand_end_to_end(tmp_path):
     assert all(0 <= s <= 100 for s in r["clip"]["scores"]) and max(r["clip"]["scores"]) > 0
     assert all(s > 0 for s in r["lpips"]["scores"]) and r["lpips"]["groups"]["all"]["n"] == 5
     assert r["fid"]["fid"] > -1e-6  # random-noise folders: equal statistics, FID ~ 0
+    assert (r["fid"]["n_images"], r["fid"]["n_reference"]) == (5, 3)
     assert set(r["sensitivity"]["delta"]) == {x["prompt"] for x in art_rows} and r["sensitivity"]["k"] == 1
     assert any(d != 0 for d in r["sensitivity"]["delta"].values())
+    assert set(r["sensitivity"]["similarity"]) == set(r["sensitivity"]["delta"])
+    assert all(-1 <= s < 1 for s in r["sensitivity"]["similarity"].values())
     assert all(os.path.isfile(p) for p in r["sensitivity"]["plots"])
 
 
@@ -242,7 +340,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     obj = write_folder(str(tmp_path / "obj"), imagenette_rows(["church"]))
     cases = {"does not exist": ["nudity", str(tmp_path / "missing")],
              "no data rows": ["prompts", "artists", "--file", str(empty), "--out", str(tmp_path / "o.csv")],
-             "unknown class 'zebra'": ["esr-psr", obj, "--erased", "church, zebra", "--classifier", "random"]}
+             "unknown class 'zebra'": ["esr-psr", obj, "--erased", "church, zebra", "--classifier", "random"],
+             "FID needs at least 2 images": ["fid", obj, "--reference", obj, "--features", "random"]}
     procs = {msg: subprocess.Popen([sys.executable, os.path.join(ROOT, "evaluate.py")] + argv, cwd=tmp_path,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for msg, argv in cases.items()}  # started together: each spends its time importing torch
