@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--n_iter", type=int, default=2, help="N_iter, ascent steps per update")
     p.add_argument("--eta", type=float, default=1e-3, help="step size of the ascent on pi")
     p.add_argument("--pi_optim", default="adam", choices=["adam", "sgd"])
+    # Algorithm 1 as printed differentiates L2 through both models; the published code computes
+    # the frozen eps_theta under no_grad, so pi's gradient flows through eps_theta' only
+    p.add_argument("--pi_grad", default="both", choices=["both", "trained"],
+                   help="pi's gradient through both UNets (printed) or the trained one (code)")
     p.add_argument("--tau", type=float, default=2.0, help="Gumbel-Softmax temperature")
     p.add_argument("--soft", dest="hard", action="store_false", help="soft Gumbel-Softmax")
     p.add_argument("--search", default="gumbel", choices=["gumbel", "pgd"])
@@ -62,11 +66,13 @@ def parse_args(argv=None):
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--start_guidance", type=float, default=3.0)
     p.add_argument("--timestep", default="matched", choices=["matched", "published"],
-                   help="query the UNet at z_t's own timestep, or as the published code does")
+                   help="matched: the UNet is queried at the timestep z_t sits at; published: "
+                        "the published sampler's stop and timestep band (see `when`)")
     p.add_argument("--negative_guidance", type=float, default=0.0, help="eta_neg (code: 1)")
     p.add_argument("--loss_space", default="eps", choices=["eps", "x0"], help="code: x0")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="forwards under bf16 autocast (default: bf16 on CUDA, fp32 on CPU)")
+                   help="bf16: the no-grad DDIM sampling of z_t and z_r under bf16 autocast; the "
+                        "loss forwards stay fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--grad_checkpointing", action="store_true", help="less memory, more time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=default_device())
@@ -88,6 +94,41 @@ def parse_args(argv=None):
     return args
 
 
+def searched(args):
+    """Whether c_a comes from Algorithm 1 (eap, age)."""
+    return args.method in ("eap", "age")
+
+
+def draws(gen, args, n_concepts, shape, T=1000):
+    """Every random draw of one model update, in one fixed order: the index i of c_e ~ E, z_T,
+    t_enc ~ U{0..ddim_steps-1}, the Gumbel noise g of G(pi) (K values), and for --timestep
+    published the UNet's query t from the band [T t_enc / n, T (t_enc + 1) / n). erase.py and
+    literal.py both take their randomness from here, so that on one seed they see the same."""
+    n = args.ddim_steps
+    i = int(torch.randint(n_concepts, (1,), generator=gen))
+    z_T = torch.randn(shape, generator=gen)
+    t_enc = int(torch.randint(n, (1,), generator=gen))
+    g = search.gumbel_noise((args.K,), gen) if searched(args) and args.search == "gumbel" else None
+    t = None
+    if args.timestep == "published":
+        t = int(torch.randint(round(T * t_enc / n), round(T * (t_enc + 1) / n), (1,), generator=gen))
+    return argparse.Namespace(i=i, z_T=z_T, t_enc=t_enc, g=g, t=t)
+
+
+def when(args, ts, d):
+    """(DDIM steps to run from z_T, the UNet's query timestep t, the timestep whose abar the x0
+    loss space uses), for draws d; ts: the DDIM timesteps, noisiest first (981, 961, ..., 1).
+    matched: t_enc steps, then z_t sits at ts[t_enc], and t and x0 use that timestep.
+    published: the published sampler counts its index down from n - 1 and stops after the step
+    whose index + 1 == t_enc (t_enc = 0: all n steps), i.e. after min(n, n + 1 - t_enc) steps;
+    z then sits two DDIM steps below the band its query t is drawn from, and x0 uses abar at
+    DDIM index t_enc (counted from the clean end), ts[n - 1 - t_enc]."""
+    n = args.ddim_steps
+    if args.timestep == "matched":
+        return d.t_enc, ts[d.t_enc], ts[d.t_enc]
+    return min(n, n + 1 - d.t_enc), d.t, ts[n - 1 - d.t_enc]
+
+
 def trained_parameter_names(unet, train_method):
     """ESD-x (xattn): names containing attn2, the cross-attention. ESD-u (noxattn): all but
     attn2, the time embedding and the output layer (conv_norm_out, conv_out). full: all."""
@@ -102,7 +143,17 @@ def trained_parameter_names(unet, train_method):
 def frozen(unet, theta):
     """eps_theta: the UNet with the original values theta of the trained subset swapped in."""
     def eps_theta(z, t, c):
-        return functional_call(unet, theta, (z, t), {"encoder_hidden_states": c}).sample
+        # Gradient checkpointing recomputes a forward during backward, by then with theta' back
+        # in place: a forward that backward goes through (pi's gradient, --pi_grad both) runs
+        # without it. (diffusers checkpoints only where grad is enabled.)
+        ckpt = unet.is_gradient_checkpointing and torch.is_grad_enabled()
+        if ckpt:
+            unet.disable_gradient_checkpointing()
+        try:
+            return functional_call(unet, theta, (z, t), {"encoder_hidden_states": c}).sample
+        finally:
+            if ckpt:
+                unet.enable_gradient_checkpointing()
     return eps_theta
 
 
@@ -134,17 +185,20 @@ def main(argv=None, m=None):
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device here")
-    m = m or load_model(args.model, device)
+    m = m or load_model(args.model, device, vae=False)  # training never decodes
     unet = m.unet
     if device == "cpu" and sum(p.numel() for p in unet.parameters()) > 1e8:
         warnings.warn("running a full-size UNet on the CPU: impractically slow (about a minute "
                       "per forward+backward); use a CUDA GPU, or --model toy")
-    amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16")
+    # Precision: L2 is the difference of two nearly equal UNet outputs, which bf16 rounding
+    # swamps, so every forward that a loss or a gradient sees runs in fp32; only the no-grad
+    # DDIM sampling of z_t and z_r may run under bf16 autocast (README: the measured effect).
+    sampling_amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16")
 
     # theta' = the trained subset of the UNet; theta = a copy of its original values only. The
     # frozen eps_theta is the same UNet with theta swapped in: no second UNet in memory.
-    names = trained_parameter_names(unet, args.train_method)
-    theta_prime = {n: p for n, p in unet.named_parameters() if n in set(names)}
+    names = set(trained_parameter_names(unet, args.train_method))
+    theta_prime = {n: p for n, p in unet.named_parameters() if n in names}
     for p in theta_prime.values():
         p.requires_grad_(True)
     theta = {n: p.detach().clone() for n, p in theta_prime.items()}
@@ -161,21 +215,24 @@ def main(argv=None, m=None):
     c_e = encode(m, args.concepts)  # (|E|, 77, D)
     c_n = encode(m, [""])  # (1, 77, D)
     c_fixed = encode(m, [args.preserve]) if args.method == "fixed" else None
-    searched = args.method in ("eap", "age")
-    if searched:
+    if searched(args):
         words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
         R = search.embed_vocab(m, words, args.cache_dir)
         S = search.new_search(m, words, R, c_e, args, device)  # one pi per erased concept
+        del R
     m.text_encoder.to("cpu")  # every text embedding is computed: free its memory on the GPU
     opt = torch.optim.Adam(theta_prime.values(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw, so a resume replays them
     abar = m.scheduler.alphas_cumprod.to(device)
-    T = m.scheduler.config.num_train_timesteps
+    m.scheduler.set_timesteps(args.ddim_steps)
+    ts = m.scheduler.timesteps.tolist()  # DDIM timesteps, noisiest first
+    cfg = unet.config
+    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     # Only now is anything written: bad input has been refused above.
     os.makedirs(args.out, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "out")}
-    start = resume(args, config, theta_prime, opt, S if searched else [], gen, device)
+    start = resume(args, config, theta_prime, opt, S if searched(args) else [], gen, device)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
@@ -183,66 +240,61 @@ def main(argv=None, m=None):
     bar = trange(start, args.steps, initial=start, total=args.steps, desc=f"{args.method}")
     for k in bar:
         tic = time.perf_counter()
-        # c_e ~ E
-        i = int(torch.randint(len(args.concepts), (1,), generator=gen))
-        c_e_i = c_e[i:i + 1]
-        # c_a for this update: Algorithm 1's current draw, a fixed concept, or none (esd)
-        if searched:
-            c_a = search.draw(S[i], args, gen).detach()
+        d = draws(gen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
+        c_e_i = c_e[d.i:d.i + 1]  # c_e ~ E
+        stop, t, t_x0 = when(args, ts, d)
+        ab = abar[t_x0]
+        # c_a of this update: one draw of G(pi) R (Algorithm 1), a fixed concept, or none (esd)
+        if searched(args):
+            s = S[d.i]
+            drawn = search.draw(s, args, d.g)
+            c_a = drawn["c_a"]
         else:
             c_a = c_fixed
-        # z_t (and z_r for L2): DDIM from the same z_T with the model being trained, guided
-        # by start_guidance, stopped after t_enc of ddim_steps steps; one batched loop.
-        cfg = unet.config
-        z_T = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen).to(device)
-        t_enc = int(torch.randint(args.ddim_steps, (1,), generator=gen))
+        # z_t (and z_r, conditioned on this update's c_a): DDIM from the same z_T with the model
+        # being trained, guided by start_guidance, `stop` steps; one batched no-grad loop.
         with_r = c_a is not None and args.method != "age"  # AGE's L2 uses z_t itself
         conds = torch.cat([c_e_i, c_a]) if with_r else c_e_i
-        with torch.no_grad(), amp:
-            zs, t_at = ddim(unet, m.scheduler, z_T.expand(len(conds), -1, -1, -1), conds,
-                            c_n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, t_enc)
-        zs = zs.float()
+        with torch.no_grad(), sampling_amp:
+            zs, _ = ddim(unet, m.scheduler, d.z_T.to(device, unet.dtype).expand(len(conds), -1, -1, -1), conds,
+                         c_n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop)
+        zs = zs.to(unet.dtype)  # back from bf16 sampling
         z, z_r = zs[:1], (zs[1:] if with_r else zs[:1])
-        if args.timestep == "published":
-            # the published code queries a DDPM timestep from the band of step t_enc counted
-            # from t = 0, not from the z_t end: [T t_enc / n, T (t_enc + 1) / n)
-            lo, hi = round(T * t_enc / args.ddim_steps), round(T * (t_enc + 1) / args.ddim_steps)
-            t = int(torch.randint(lo, hi, (1,), generator=gen))
-        else:
-            t = t_at
-        ab = abar[t]
 
         def sp(eps, zz):  # eps (printed) or predicted x0 (published code)
-            return in_space(eps.float(), zz, ab, args.loss_space)
+            return in_space(eps, zz, ab, args.loss_space)
 
-        # Algorithm 1: N_iter ascent steps on pi, maximising L2 on z_r (reused across steps)
-        if searched:
+        # Algorithm 1: N_iter ascent steps on pi, maximising L2 on z_r at this update's c_a
+        if searched(args):
             def l2_of(c):
-                with amp:
-                    return L2(sp(eps_theta_prime(z_r, t, c), z_r), sp(eps_theta(z_r, t, c), z_r))
+                if args.pi_grad == "both":  # the printed gradient, through both models
+                    eps_a = eps_theta(z_r, t, c)
+                else:  # the published code's: the frozen output is a constant
+                    with torch.no_grad():
+                        eps_a = eps_theta(z_r, t, c.detach())
+                return L2(sp(eps_theta_prime(z_r, t, c), z_r), sp(eps_a, z_r))
+            scale = z_r.numel() if args.pi_optim == "sgd" else 1.0
             for _ in range(args.n_iter):
-                search.ascend(S[i], l2_of, args, gen)
-            c_a = search.draw(S[i], args, gen).detach()  # fresh draw for the model step
+                search.ascend(s, l2_of, drawn, args, scale)
 
-        # Algorithm 2, outer min: the frozen forwards in one batch, the trained ones in another
-        with amp:
-            with torch.no_grad():
-                if c_a is None:  # esd
-                    eps_n, eps_e = eps_theta(torch.cat([z, z]), t, torch.cat([c_n, c_e_i])).chunk(2)
-                elif args.method == "age":  # c_n -> c_t; eps_theta(z, c_t) serves both losses
-                    eps_n, eps_e = eps_theta(torch.cat([z, z]), t, torch.cat([c_a, c_e_i])).chunk(2)
-                    eps_a = eps_n
-                else:
-                    eps_n, eps_e, eps_a = eps_theta(torch.cat([z, z, z_r]), t,
-                                                    torch.cat([c_n, c_e_i, c_a])).chunk(3)
-            if c_a is None:
-                eps_p_e = eps_theta_prime(z, t, c_e_i)
-            else:
-                eps_p_e, eps_p_a = eps_theta_prime(torch.cat([z, z_r]), t, torch.cat([c_e_i, c_a])).chunk(2)
+        # Algorithm 2, outer min: the frozen forwards in one batch, the trained ones in another.
+        # Frozen: the target's concept (c_n; AGE: c_t = c_a), c_e where negative guidance needs
+        # it, and c_a on z_r for L2 (AGE: L2's frozen output is the target's).
+        frozen_in = [(z, c_a if args.method == "age" else c_n)]
+        if args.negative_guidance:
+            frozen_in.append((z, c_e_i))
+        if with_r:
+            frozen_in.append((z_r, c_a))
+        trained_in = [(z, c_e_i)] + ([(z_r, c_a)] if c_a is not None else [])
+        with torch.no_grad():
+            out = eps_theta_of(eps_theta, frozen_in, t).chunk(len(frozen_in))
+        eps_n, eps_e = out[0], (out[1] if args.negative_guidance else None)
+        eps_a = out[-1] if with_r else eps_n  # AGE: eps_theta(z_t, c_t); esd: unused
+        eps_p = eps_theta_of(eps_theta_prime, trained_in, t).chunk(len(trained_in))
         # Eq. 3 target (eta_neg = 0) or the published code's negative guidance
-        target = erase_target(eps_n.float(), eps_e.float(), args.negative_guidance)
-        l1 = L1(sp(eps_p_e, z), sp(target, z))
-        l2 = L2(sp(eps_p_a, z_r), sp(eps_a, z_r)) if c_a is not None else torch.zeros((), device=device)
+        target = erase_target(eps_n, eps_e, args.negative_guidance)
+        l1 = L1(sp(eps_p[0], z), sp(target, z))
+        l2 = L2(sp(eps_p[1], z_r), sp(eps_a, z_r)) if c_a is not None else torch.zeros((), device=device)
         loss = total(l1, l2, args.lam)  # Eq. 4/5: L1 + lambda L2
         if not torch.isfinite(loss):
             raise UsageError(f"the loss became {float(loss)} at step {k}; try a lower --lr")
@@ -250,14 +302,16 @@ def main(argv=None, m=None):
         loss.backward()
         opt.step()
 
-        c_a_word = search.chosen(S[i], args) if searched else args.preserve
-        rec = dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=t_enc,
-                   c_e=args.concepts[i], c_a=c_a_word, seconds=round(time.perf_counter() - tic, 4))
+        rec = dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=d.t_enc,
+                   c_e=args.concepts[d.i], c_a=search.drawn(s, drawn, args) if searched(args) else args.preserve)
+        if searched(args) and args.search == "gumbel":
+            rec["pi_argmax"] = search.chosen(s, args)
+        rec["seconds"] = round(time.perf_counter() - tic, 4)
         log.write(json.dumps(rec) + "\n")
-        bar.set_postfix(l1=f"{rec['l1']:.4f}", l2=f"{rec['l2']:.4f}", c_a=c_a_word)
+        bar.set_postfix(l1=f"{rec['l1']:.4f}", l2=f"{rec['l2']:.4f}", c_a=rec["c_a"])
         if args.save_every and (k + 1) % args.save_every == 0 and k + 1 < args.steps:
             log.flush()
-            checkpoint(args, k + 1, theta_prime, opt, S if searched else [], gen)
+            checkpoint(args, k + 1, theta_prime, opt, S if searched(args) else [], gen)
     log.close()
     weights = os.path.join(args.out, "weights.safetensors")
     save_atomic({n: p.detach().cpu().contiguous() for n, p in theta_prime.items()}, weights,
@@ -266,6 +320,11 @@ def main(argv=None, m=None):
         os.remove(os.path.join(args.out, RESUME))
     print(json.dumps({"wrote": weights, "parameters": sum(p.numel() for p in theta_prime.values())}))
     return weights
+
+
+def eps_theta_of(model, pairs, t):
+    """One UNet forward for a list of (z, c) pairs, batched: (len(pairs), C, H, W)."""
+    return model(torch.cat([z for z, _ in pairs]), t, torch.cat([c for _, c in pairs]))
 
 
 def checkpoint(args, step, theta_prime, opt, S, gen):
@@ -284,9 +343,11 @@ def resume(args, config, theta_prime, opt, S, gen, device):
     path = os.path.join(args.out, RESUME)
     logpath = os.path.join(args.out, "log.jsonl")
     if not args.resume:
-        for stale in (path, logpath):
-            if os.path.exists(stale):
-                os.remove(stale)
+        if os.path.isfile(path):
+            raise UsageError(f"{args.out} holds the checkpoint of an unfinished run: add --resume to "
+                             f"go on from it, or delete {path} (or choose another --out) to start over")
+        if os.path.exists(logpath):
+            os.remove(logpath)  # a finished run's log: this run starts over
         return 0
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no checkpoint in {args.out} (written with --save_every)")

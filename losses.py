@@ -26,7 +26,10 @@ def sq(a, b):
 def erase_target(eps_n, eps_e, eta_neg=0.0):
     """Eq. 3's target, with the published code's negative guidance:
     eps_theta(c_n) - eta_neg (eps_theta(c_e) - eps_theta(c_n)). Both inputs come from the
-    frozen model; eta_neg = 0 returns eps_theta(c_n) (Eq. 3 exactly)."""
+    frozen model; eta_neg = 0 returns eps_theta(c_n) (Eq. 3 exactly), and eps_e may then be None
+    (erase.py skips that forward)."""
+    if not eta_neg:
+        return eps_n
     return eps_n - eta_neg * (eps_e - eps_n)
 
 

@@ -1,0 +1,196 @@
+"""Algorithm 2 with Algorithm 1 inside it, transcribed literally: the slow, obvious way.
+
+Two full UNet copies (eps_theta frozen, eps_theta' trained), every forward unbatched,
+classifier-free guidance as two forwards, the published sampler's own index loop, the
+formulas written out here rather than imported. erase.py computes the same thing fast (one
+UNet, batched forwards, bf16 sampling on CUDA); tests/test_literal.py runs both on the same
+random draws (erase.draws) and checks that every update's L1 and L2 and the trained weights
+agree. bench.py times this loop as its baseline.
+
+One model update, as in erase.py:
+  1. c_e ~ E, t_enc, z_T, and one draw of c_a = G(pi) R (its Gumbel noise g);
+  2. z and z_r sampled from z_T with theta', conditioned on c_e and on c_a;
+  3. N_iter ascent steps on pi, each on L2 at that z_r and that c_a (Algorithm 1);
+  4. one descent step on theta' of L1 + lambda L2 (Algorithm 2).
+The published code instead draws c_a and samples z and z_r anew before every ascent step and
+before the model step (N_iter + 1 samplings per update); `resample=True` does that (bench.py's
+published schedule). Sharing one draw and one z_r per update is the fast loop's saving by
+design, so this transcription does the same by default: the README says so.
+
+    python literal.py --model toy --concept "red circle" --vocab toy/vocab.txt --K 16 --steps 5 --out out/lit
+
+Takes erase.py's flags (all of them but --grad_checkpointing, --save_every and --resume) and
+writes the same weights.safetensors, config.json and log.jsonl, in fp32 whatever --precision.
+"""
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from einops import einsum
+
+import erase
+import search
+from sample import encode, load_model, run_cli
+
+
+def sample_z(unet, z, c, c_n, args, scheduler, t_enc):
+    """DDIM (eta 0) from z = z_T with guidance start_guidance, as the published sampler runs
+    it: the index counts down from n - 1, and the step at `index` takes z from timestep
+    ts[index] to ts[index - 1] (to abar_final below index 0). The published sampler stops
+    after the step whose index + 1 == t_enc (t_enc = 0: never); --timestep matched runs
+    t_enc steps."""
+    n = args.ddim_steps
+    ts = scheduler.timesteps.flip(0).tolist()  # ascending: 1, 21, ..., 981 for n = 50
+    abar = scheduler.alphas_cumprod.to(z.device)
+    for index in reversed(range(n)):
+        if args.timestep == "matched" and index < n - t_enc:
+            break
+        t = ts[index]
+        with torch.no_grad():
+            eps_u = unet(z, t, encoder_hidden_states=c_n).sample
+            eps_c = unet(z, t, encoder_hidden_states=c).sample
+        eps = eps_u + args.start_guidance * (eps_c - eps_u)
+        a_t = abar[t]
+        a_prev = abar[ts[index - 1]] if index > 0 else scheduler.final_alpha_cumprod.to(z.device)
+        x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        if args.timestep == "published" and index + 1 == t_enc:
+            break
+    return z
+
+
+def query(args, scheduler, d):
+    """The UNet's timestep t and the abar the x0 loss space uses. matched: the timestep z sits
+    at after t_enc steps; published: t from the band drawn in erase.draws, abar at DDIM index
+    t_enc (ascending)."""
+    ts = scheduler.timesteps.flip(0).tolist()
+    if args.timestep == "matched":
+        t = ts[args.ddim_steps - d.t_enc - 1]
+        return t, scheduler.alphas_cumprod[t]
+    return d.t, scheduler.alphas_cumprod[ts[d.t_enc]]
+
+
+def erase_literally(m, unet_orig, args, resample=False):
+    """Algorithm 2 (Algorithm 1 inside), with m.unet as theta' and unet_orig, a second copy of
+    the same weights, as theta. Returns the log records and theta' (name -> tensor)."""
+    device = args.device
+    unet = m.unet  # theta', trained
+    unet_orig.requires_grad_(False)  # theta, frozen
+    names = set(erase.trained_parameter_names(unet, args.train_method))
+    theta_prime = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in names]
+    opt = torch.optim.Adam(theta_prime, lr=args.lr)
+    c_e, c_n = encode(m, args.concepts), encode(m, [""])
+    c_fixed = encode(m, [args.preserve]) if args.method == "fixed" else None
+    S = []
+    if erase.searched(args):  # the candidate set and pi of each erased concept (search.py)
+        words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
+        S = search.new_search(m, words, search.embed_vocab(m, words, args.cache_dir), c_e, args, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    m.scheduler.set_timesteps(args.ddim_steps)
+    cfg = unet.config
+    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def mse(a, b):  # || a - b ||^2 as a mean over elements
+        return (a - b).pow(2).mean()
+
+    def space(eps, z, ab):  # eps itself, or the x0 it predicts (--loss_space x0)
+        return eps if args.loss_space == "eps" else (z - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    records = []
+    for k in range(args.steps):
+        tic = time.perf_counter()
+        iterations = args.n_iter + 1 if erase.searched(args) else 1  # N_iter pi steps, 1 model step
+        for it in range(iterations):
+            if it == 0 or resample:
+                d = erase.draws(gen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
+                c_e_i = c_e[d.i:d.i + 1]
+                t, ab = query(args, m.scheduler, d)
+                ab = ab.to(device)
+                if erase.searched(args):  # one draw of c_a = G(pi) R
+                    s = S[d.i]
+                    pi, R_K = s["x"], s["R_K"]
+                    if args.search == "pgd":
+                        c_a = pi.detach().clone()
+                        sim = F.cosine_similarity(R_K.flatten(1), c_a.flatten(1))
+                        word = s["words"][int(sim.argmax())]  # the candidate nearest c_a
+                    else:
+                        y = ((pi + d.g.to(device)) / args.tau).softmax(-1)
+                        if args.hard:
+                            y = F.one_hot(y.argmax(-1), args.K).to(y.dtype) - y.detach() + y
+                        y_draw = y.detach()
+                        c_a = einsum(y_draw, R_K, "k, k l d -> l d")[None]
+                        word = s["words"][int(y_draw.argmax())]
+                else:
+                    c_a, word = c_fixed, args.preserve
+                z_T = d.z_T.to(device, unet.dtype)
+                z = sample_z(unet, z_T, c_e_i, c_n, args, m.scheduler, d.t_enc)
+                if c_a is not None:  # AGE's L2 is on z itself
+                    z_r = sample_z(unet, z_T, c_a, c_n, args, m.scheduler, d.t_enc) if args.method != "age" else z
+
+            if it < iterations - 1:
+                # Algorithm 1: pi <- pi + eta grad_pi || eps_theta'(G(pi) R) - eps_theta(G(pi) R) ||^2,
+                # at the draw's value, with the gradient of G at the current pi
+                if args.search == "pgd":
+                    c = c_a + pi - pi.detach()
+                else:
+                    y = ((pi + d.g.to(device)) / args.tau).softmax(-1)
+                    if args.hard:
+                        y = F.one_hot(y.argmax(-1), args.K).to(y.dtype) - y.detach() + y
+                    c = einsum(y_draw + y - y.detach(), R_K, "k, k l d -> l d")[None]
+                e_prime = unet(z_r, t, encoder_hidden_states=c).sample
+                if args.pi_grad == "both":
+                    e_orig = unet_orig(z_r, t, encoder_hidden_states=c).sample
+                else:
+                    with torch.no_grad():
+                        e_orig = unet_orig(z_r, t, encoder_hidden_states=c.detach()).sample
+                l2 = mse(space(e_prime, z_r, ab), space(e_orig, z_r, ab))
+                scale = z_r.numel() if args.pi_optim == "sgd" else 1.0  # sgd: the printed sum
+                (grad,) = torch.autograd.grad(l2 * scale, pi)
+                pi.grad = -grad
+                s["opt"].step()
+                continue
+
+            # Algorithm 2: theta' <- theta' - alpha grad [ L1 + lambda L2 ]
+            with torch.no_grad():
+                e_n = unet_orig(z, t, encoder_hidden_states=c_a if args.method == "age" else c_n).sample
+                target = e_n  # Eq. 3: eps_theta(c_n) (AGE: eps_theta(c_t))
+                if args.negative_guidance:  # eps(c_n) - eta_neg (eps(c_e) - eps(c_n))
+                    e_e = unet_orig(z, t, encoder_hidden_states=c_e_i).sample
+                    target = e_n - args.negative_guidance * (e_e - e_n)
+                if c_a is not None:
+                    e_a = unet_orig(z_r, t, encoder_hidden_states=c_a).sample
+            l1 = mse(space(unet(z, t, encoder_hidden_states=c_e_i).sample, z, ab), space(target, z, ab))
+            l2 = torch.zeros((), device=device)
+            if c_a is not None:
+                l2 = mse(space(unet(z_r, t, encoder_hidden_states=c_a).sample, z_r, ab), space(e_a, z_r, ab))
+            loss = l1 + args.lam * l2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        records.append(dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=d.t_enc,
+                            c_e=args.concepts[d.i], c_a=word, seconds=round(time.perf_counter() - tic, 4)))
+    return records, {n: p.detach() for n, p in unet.named_parameters() if n in names}
+
+
+def main(argv=None, m=None, unet_orig=None, resample=False):
+    """`m` and `unet_orig`: two loaded copies of the model (tests pass float64 ones)."""
+    args = erase.parse_args(argv)
+    # two copies, each loaded from the checkpoint, as the published code does (a deep copy in
+    # memory can differ from the original in the last bits: CPU kernels depend on alignment)
+    m = m or load_model(args.model, args.device, vae=False)
+    unet_orig = unet_orig or load_model(args.model, args.device, vae=False).unet
+    records, theta_prime = erase_literally(m, unet_orig, args, resample)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "out")}, f, indent=1)
+    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    weights = os.path.join(args.out, "weights.safetensors")
+    erase.save_atomic({n: p.cpu().contiguous() for n, p in theta_prime.items()}, weights)
+    return weights
+
+
+if __name__ == "__main__":
+    run_cli(main)

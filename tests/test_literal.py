@@ -1,0 +1,99 @@
+"""The fast loop (erase.py) against the literal transcription of Algorithms 1-2 (literal.py),
+on the same random draws (one seed; both take them from erase.draws): every update's L1 and
+L2 and the trained weights after 6 updates agree, for every method and each flag that changes
+the arithmetic.
+
+float64 is where the proof lives: there the two loops agree to ~1e-12, so a single wrong
+term, sign, timestep or concept shows at once. In fp32 a batched and an unbatched forward
+differ by ~1e-6 of their value (the CPU's kernels block the sums differently), and L2, the
+difference of two nearly equal outputs, magnifies that: fp32 is checked at the tolerance it
+allows: relative 1e-5 plus the rounding of a mean of squares, 2 sqrt(L) delta + delta^2 for
+inputs that differ by delta = 2e-6 (the batched / unbatched difference measured here), and the
+weights within 1e-6 after 6 updates at the paper's lr, 1e-5 (Adam turns rounding in a near-zero
+gradient into an lr-sized step: at lr 1e-4 they differ by up to 2e-6)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import erase
+import literal
+from sample import load_model
+
+# method rows x the flags that change the arithmetic; each row runs in both timestep modes
+ROWS = [
+    ("eap hard, N_iter 1", ["--method", "eap", "--n_iter", "1", "--loss_space", "x0", "--negative_guidance", "1"]),
+    ("eap hard, N_iter 2", ["--method", "eap", "--n_iter", "2", "--pi_grad", "trained"]),
+    ("eap soft, N_iter 1", ["--method", "eap", "--soft", "--n_iter", "1", "--pi_grad", "trained",
+                            "--negative_guidance", "1"]),
+    ("eap soft, N_iter 2, sgd", ["--method", "eap", "--soft", "--n_iter", "2", "--loss_space", "x0",
+                                 "--pi_optim", "sgd", "--eta", "1e-2"]),
+    ("esd", ["--method", "esd", "--negative_guidance", "1", "--loss_space", "x0"]),
+    ("esd, Eq. 3", ["--method", "esd"]),
+    ("fixed", ["--method", "fixed", "--preserve", "road", "--loss_space", "x0"]),
+    ("age", ["--method", "age", "--tau", "0.1", "--negative_guidance", "1"]),
+    ("age soft, eps", ["--method", "age", "--soft", "--pi_grad", "trained"]),
+    ("pgd", ["--method", "eap", "--search", "pgd", "--negative_guidance", "1", "--eta", "1e-2"]),
+]
+CASES = [(name, flags + ["--timestep", mode]) for name, flags in ROWS for mode in ("matched", "published")]
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    f = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    f.write_text("truck\ncar\nroad\nchurch\nbus\ntree\nred\nmusic\nlexus\nwaste\n")
+    return str(f)
+
+
+def both(tiny_sd, vocab, out, flags, dtype, lr):
+    """Run erase.main and literal.main with the same flags on fresh copies in `dtype`; return
+    (fast log, literal log, fast weights, literal weights)."""
+    argv = ["--model", tiny_sd, "--concept", "garbage truck", "--steps", "6", "--K", "4",
+            "--vocab", vocab, "--ddim_steps", "4", "--lr", lr, "--eta", "0.5", "--device", "cpu",
+            "--seed", "3", "--cache_dir", os.path.join(os.path.dirname(vocab), "cache"), *flags]
+
+    def fresh():
+        m = load_model(tiny_sd, "cpu", vae=False)
+        m.unet.to(dtype), m.text_encoder.to(dtype)
+        return m
+    w_fast = load_file(erase.main(argv + ["--out", str(out / "fast")], m=fresh()))
+    w_lit = load_file(literal.main(argv + ["--out", str(out / "literal")], m=fresh(), unet_orig=fresh().unet))
+    logs = [[json.loads(line) for line in open(out / run / "log.jsonl")] for run in ("fast", "literal")]
+    return logs[0], logs[1], w_fast, w_lit
+
+
+def close(a, b, rel, floor=0.0):
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + floor
+
+
+def close32(a, b, delta=2e-6):
+    """fp32: relative 1e-5, plus what rounding delta of the two outputs does to a mean of squares."""
+    big = max(abs(a), abs(b))
+    return close(a, b, 1e-5, 2 * big ** 0.5 * delta + delta ** 2)
+
+
+@pytest.mark.parametrize("name,flags", CASES, ids=[f"{n}, {f[-1]}" for n, f in CASES])
+def test_fast_loop_is_the_literal_algorithm_float64(tiny_sd, vocab, tmp_path, name, flags):
+    fast, lit, w_fast, w_lit = both(tiny_sd, vocab, tmp_path, flags, torch.float64, "1e-2")
+    assert len(fast) == len(lit) == 6
+    assert len({r["t_enc"] for r in fast}) >= 2  # the draws cover more than one stop
+    for a, b in zip(fast, lit):
+        assert (a["t_enc"], a["t"], a["c_e"], a["c_a"]) == (b["t_enc"], b["t"], b["c_e"], b["c_a"])
+        for key in ("l1", "l2"):
+            assert close(a[key], b[key], 1e-9, 1e-18), (a["step"], key, a[key], b[key])
+    assert any(r["l2"] > 1e-6 for r in fast) or "esd" in name  # L2 is not trivially zero
+    assert set(w_fast) == set(w_lit)
+    assert all(torch.allclose(w_fast[n], w_lit[n], rtol=0, atol=1e-10) for n in w_fast)
+
+
+@pytest.mark.parametrize("name,flags", ROWS[::2], ids=[n for n, _ in ROWS[::2]])
+def test_fast_loop_is_the_literal_algorithm_float32(tiny_sd, vocab, tmp_path, name, flags):
+    fast, lit, w_fast, w_lit = both(tiny_sd, vocab, tmp_path, flags, torch.float32, "1e-5")
+    for a, b in zip(fast, lit):
+        assert (a["t_enc"], a["t"], a["c_a"]) == (b["t_enc"], b["t"], b["c_a"])
+        for key in ("l1", "l2"):
+            assert close32(a[key], b[key]), (a["step"], key, a[key], b[key])
+    worst = max(float((w_fast[n] - w_lit[n]).abs().max()) for n in w_fast)
+    assert worst <= 1e-6, worst
