@@ -1,0 +1,115 @@
+"""What one update of erase.py feeds the UNet, seen by a hook on every forward: the concept
+that conditions z_r is the c_a of every L2; which forwards run; which outputs carry a gradient;
+and the timestep the UNet is queried at, against the noise level z_t sits at."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import erase
+from sample import ddim, encode, load_model
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    f = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    f.write_text("truck\ncar\nroad\nchurch\nbus\ntree\nred\nmusic\nlexus\nwaste\n")
+    return str(f)
+
+
+def watched(tiny_sd, vocab, tmp_path, *flags):
+    """Run erase.py for 1 update; return the forwards [(frozen?, contexts, output needs grad)],
+    the log record and the model."""
+    m = load_model(tiny_sd, vae=False)
+    calls = []
+
+    def hook(mod, args, kw, out):
+        probe = next(p for n, p in mod.named_parameters() if "attn2" in n)  # theta or theta'
+        calls.append((not probe.requires_grad, kw["encoder_hidden_states"].detach().clone(),
+                      out.sample.requires_grad))
+    m.unet.register_forward_hook(hook, with_kwargs=True)
+    erase.main(["--model", tiny_sd, "--concept", "garbage truck", "--steps", "1", "--K", "10",
+                "--vocab", vocab, "--ddim_steps", "4", "--device", "cpu", "--out", str(tmp_path),
+                "--cache_dir", str(tmp_path / "cache"), *flags], m=m)
+    return calls, json.loads(open(tmp_path / "log.jsonl").readline()), m
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_z_r_and_every_l2_use_the_drawn_concept(tiny_sd, vocab, tmp_path, seed):
+    calls, rec, m = watched(tiny_sd, vocab, tmp_path, "--seed", str(seed), "--n_iter", "2")
+    c_n, c_e = encode(m, [""])[0], encode(m, ["garbage truck"])[0]
+    others = {tuple(c.flatten().tolist()) for _, cs, _ in calls for c in cs
+              if not (torch.equal(c, c_n) or torch.equal(c, c_e))}
+    assert len(others) == 1  # one c_a, in the sampling of z_r, the ascent and the model step
+    c_a = torch.tensor(next(iter(others))).view(77, -1)
+    assert torch.allclose(c_a, encode(m, [rec["c_a"]])[0], atol=1e-2)  # the logged word (R is fp16)
+
+
+@pytest.mark.parametrize("pi_grad", ["both", "trained"])
+def test_gradients_reach_the_frozen_branch_only_where_asked(tiny_sd, vocab, tmp_path, pi_grad):
+    calls, rec, _ = watched(tiny_sd, vocab, tmp_path, "--pi_grad", pi_grad, "--n_iter", "2")
+    ascent = [c for c in calls if len(c[1]) == 1]  # the only single-image forwards
+    assert len(ascent) == 4  # N_iter x (trained, frozen)
+    frozen_in_ascent = [g for frozen, _, g in ascent if frozen]
+    assert frozen_in_ascent == [pi_grad == "both"] * 2  # Algorithm 1 as printed / as coded
+    model_step = calls[-2:]  # frozen batch, then trained batch
+    assert [frozen for frozen, _, _ in model_step] == [True, False]
+    assert [g for _, _, g in model_step] == [False, True]  # targets are constants
+    sampling = [c for c in calls if len(c[1]) == 4]  # [c_n, c_n, c_e, c_a] with guidance
+    assert sampling and not any(g for _, _, g in sampling)  # z_t carries no gradient
+
+
+@pytest.mark.parametrize("method,eta_neg,frozen,trained", [
+    ("esd", "0", 1, 1), ("esd", "1", 2, 1), ("fixed", "0", 2, 2), ("fixed", "1", 3, 2),
+    ("eap", "0", 2, 2), ("eap", "1", 3, 2), ("age", "0", 1, 2), ("age", "1", 2, 2)])
+def test_the_model_step_runs_only_the_forwards_it_uses(tiny_sd, vocab, tmp_path, method, eta_neg, frozen, trained):
+    flags = ["--method", method, "--negative_guidance", eta_neg] + (["--preserve", "road"] if method == "fixed" else [])
+    calls, rec, _ = watched(tiny_sd, vocab, tmp_path, *flags)
+    assert [len(cs) for _, cs, _ in calls[-2:]] == [frozen, trained]
+    sampled = 2 if method in ("fixed", "eap") else 1  # z, and z_r
+    n_iter = 2 if method in ("eap", "age") else 0
+    images = sum(len(cs) for _, cs, _ in calls)  # README: forwards per update
+    assert images == 2 * sampled * rec["t_enc"] + 2 * n_iter + frozen + trained
+
+
+class Oracle(torch.nn.Module):
+    """A UNet that knows x0: eps(z_t, t) = (z_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) exactly, so
+    DDIM keeps z on the forward process: after it, z = sqrt(abar_s) x0 + sqrt(1 - abar_s) e."""
+    def __init__(self, x0, abar):
+        super().__init__()
+        self.x0, self.abar = x0, abar
+
+    def forward(self, z, t, encoder_hidden_states=None):
+        a = self.abar[int(t)]
+        return argparse.Namespace(sample=(z - a.sqrt() * self.x0) / (1 - a).sqrt())
+
+
+@pytest.mark.parametrize("t_enc", [0, 1, 2, 17, 49])
+def test_the_queried_timestep_and_z_t_noise_level(tiny_sd, t_enc):
+    """matched: the UNet is queried at exactly the timestep z_t sits at. published: z_t sits two
+    DDIM steps below the band [20 t_enc, 20 t_enc + 20) its query is drawn from (t_enc >= 2;
+    below, at the clean end), and x0 uses abar at DDIM index t_enc, 20 t_enc + 1."""
+    sched = load_model(tiny_sd).scheduler
+    sched.set_timesteps(50)
+    ts, abar = sched.timesteps.tolist(), sched.alphas_cumprod
+    x0, e = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    abar64 = abar.double()
+    z_T = abar64[ts[0]].sqrt() * x0 + (1 - abar64[ts[0]]).sqrt() * e
+    c = torch.zeros(1, 77, 32, dtype=torch.float64)
+
+    def level(z):  # the timestep s with z = sqrt(abar_s) x0 + sqrt(1 - abar_s) e
+        err = torch.stack([(z - abar64[s].sqrt() * x0 - (1 - abar64[s]).sqrt() * e).abs().max()
+                           for s in range(1000)])
+        assert err.min() < 1e-5  # z is on the forward process (the scheduler's abar is fp32)
+        return int(err.argmin())
+    for mode in ("matched", "published"):
+        args = argparse.Namespace(ddim_steps=50, timestep=mode)
+        d = argparse.Namespace(t_enc=t_enc, t=20 * t_enc + 7)  # a query from the published band
+        stop, t, t_x0 = erase.when(args, ts, d)
+        z, _ = ddim(Oracle(x0, abar64), sched, z_T, c, c, 3.0, 50, stop)
+        if mode == "matched":
+            assert level(z) == t == t_x0 == ts[t_enc]
+        else:
+            assert level(z) == (20 * t_enc - 39 if t_enc >= 2 else 0)
+            assert t_x0 == 20 * t_enc + 1 and 20 * t_enc <= t < 20 * t_enc + 20
