@@ -145,6 +145,46 @@ def test_resume_refuses_other_settings(tiny_sd, vocab, tmp_path, monkeypatch):
         run(tiny_sd, vocab, tmp_path, *flags, "--resume", "--lr", "0.5")
 
 
+def test_a_fresh_run_refuses_to_delete_an_unfinished_runs_checkpoint(tiny_sd, vocab, tmp_path, monkeypatch):
+    real, calls = erase.L1, []
+
+    def dies_at_step_2(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(erase, "L1", dies_at_step_2)
+    flags = ["--steps", "4", "--save_every", "1", "--method", "esd"]
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_sd, vocab, tmp_path, *flags)
+    monkeypatch.setattr(erase, "L1", real)
+    with pytest.raises(UsageError, match="unfinished run: add --resume"):
+        run(tiny_sd, vocab, tmp_path, *flags)
+    assert (tmp_path / erase.RESUME).exists()  # still there to resume from
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_the_ascent_moves_pi(tiny_sd, vocab, tmp_path, optim, monkeypatch):
+    """pi after 2 updates, read from the checkpoint: the printed eta 1e-3 moves it under plain
+    ascent too, because sgd ascends the squared norm (a sum), not the mean over elements."""
+    from safetensors import safe_open
+    real, calls = erase.L1, []
+
+    def dies_at_step_3(*a):  # stopped after the checkpoint of update 2
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(erase, "L1", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_sd, vocab, tmp_path, "--steps", "3", "--save_every", "2", "--pi_optim", optim,
+            "--eta", "1e-3", "--lr", "1e-2", "--soft")
+    with safe_open(str(tmp_path / erase.RESUME), "pt") as f:
+        pi = f.get_tensor("pi.0")
+    # measured: sgd 1.8e-5 (the mean's gradient: 256x less, 7e-8); Adam ~eta a step, 1.4e-3
+    assert pi.abs().max() > (1e-6 if optim == "sgd" else 1e-4), pi
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--concept", ""], "empty"),
     (["--concept", "church, , parachute"], "empty"),

@@ -23,17 +23,17 @@ def test_l1_l2_are_mean_squared_errors_and_total_adds_lambda_l2():
     assert torch.isclose(total(torch.tensor(2.0), torch.tensor(3.0), 0.5), torch.tensor(3.5))
 
 
-def test_gradient_reaches_only_the_trained_output():
-    """L1 and L2 move eps_theta' only: the targets come from the frozen model (no_grad in
-    erase.py); here, a target that carries a gradient still gets none through a detached copy."""
+def test_l1_gradient_pulls_eps_prime_towards_the_target():
+    """d/d eps' mean((eps' - target)^2) = 2 (eps' - target) / n: descent moves eps_theta'(c_e)
+    towards the target, not away (a sign error in L1 or the target would push it away).
+    Which outputs carry a gradient in erase.py: tests/test_loop.py."""
     eps_prime = torch.tensor([0.5, 1.5], requires_grad=True)
-    eps_n = torch.tensor([1.0, 1.0], requires_grad=True)
-    eps_e = torch.tensor([2.0, 0.0], requires_grad=True)
-    loss = L1(eps_prime, erase_target(eps_n, eps_e, 1.0).detach())
-    loss.backward()
-    # d/d eps' mean((eps' - target)^2) = 2 (eps' - target) / n, target = [0, 2]
+    target = erase_target(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0]), 1.0)  # [0, 2]
+    L1(eps_prime, target).backward()
     assert torch.allclose(eps_prime.grad, torch.tensor([0.5, -0.5]))
-    assert eps_n.grad is None and eps_e.grad is None
+    stepped = eps_prime.detach() - 0.1 * eps_prime.grad
+    assert L1(stepped, target) < L1(eps_prime.detach(), target)
+    assert erase_target(target, None, 0.0) is target  # Eq. 3 needs no eps_theta(c_e)
 
 
 def test_x0_from_eps_inverts_the_forward_process():
