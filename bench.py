@@ -3,12 +3,13 @@
 Both run EAP model updates on the SD-1.4 UNet and text-encoder architecture with random
 weights (offline.py; nothing is downloaded), on the same device, in one run:
 - ours: erase.main itself: one UNet, the frozen model by swapping the original values of the
-  trained subset in, z and z_r sampled in one batched DDIM loop and reused across the N_iter
-  search steps, frozen forwards batched, trained forwards batched, bf16 autocast on CUDA;
-- baseline: the published code's schedule: two full fp32 copies of the UNet, every forward
-  unbatched, z and z_r re-sampled at every loop iteration, the N_iter search steps included.
-Both see the same sequence of t_enc (the baseline replays ours), so the forward counts compare
-like for like. UNet image-forwards are counted by a hook (a batch of b counts b).
+  trained subset in, z and z_r sampled in one batched DDIM loop (bf16 on CUDA) and shared by
+  the N_iter search steps and the model step, frozen forwards batched, trained ones batched;
+- baseline: the published code's schedule, as literal.py transcribes it (resample=True): two
+  full fp32 copies of the UNet, every forward unbatched, c_a drawn and z, z_r sampled anew
+  before each of the N_iter pi steps and the model step.
+Both take their draws from erase.draws with the same seed: each update starts from the same
+t_enc. UNet image-forwards are counted by a hook (a batch of b counts b).
 
     python bench.py --device cuda --json bench.json          # SD-1.4 size, 64x64 latents
     python bench.py --device cpu --json bench-cpu.json       # reduced: 8x8 latents, 4 DDIM steps
@@ -23,15 +24,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 import erase
 import offline
-import search
-from losses import L1, L2, erase_target, total
-from sample import encode
+import literal
 
 
 def parse_args(argv=None):
@@ -48,7 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--train_method", default="xattn")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--child", help=argparse.SUPPRESS)  # ours|baseline, run in a child process
-    p.add_argument("--t_enc", help=argparse.SUPPRESS)  # the baseline replays ours
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     a.updates = a.updates or (20 if gpu else 1)
@@ -76,90 +73,35 @@ def count_forwards(unet):
     return n
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def ours_argv(a, workdir, ddim_steps):
+    """erase.py's flags for both loops: EAP on a made-up R of 150 words (K = 100)."""
+    vocab = os.path.join(workdir, "vocab.txt")
+    open(vocab, "w").write("\n".join(f"w{i}" for i in range(150)))
+    return ["--model", "random-sd14", "--concept", "garbage truck", "--steps", str(a.updates + 1),
+            "--vocab", vocab, "--ddim_steps", str(ddim_steps), "--n_iter", str(a.n_iter),
+            "--train_method", a.train_method, "--device", a.device,
+            "--out", os.path.join(workdir, f"ours-{ddim_steps}"), "--cache_dir", os.path.join(workdir, "cache")]
 
 
 def run_ours(a, m, workdir, ddim_steps):
     n = count_forwards(m.unet)
-    out = os.path.join(workdir, f"ours-{ddim_steps}")
-    words = " ".join(f"w{i}" for i in range(150)).split()  # R: 150 made-up words (K = 100)
-    vocab = os.path.join(workdir, "vocab.txt")
-    open(vocab, "w").write("\n".join(words))
-    erase.main(["--model", "random-sd14", "--concept", "garbage truck", "--steps", str(a.updates + 1),
-                "--vocab", vocab, "--ddim_steps", str(ddim_steps), "--n_iter", str(a.n_iter),
-                "--train_method", a.train_method, "--device", a.device, "--out", out,
-                "--cache_dir", os.path.join(workdir, "cache")], m=m)
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    argv = ours_argv(a, workdir, ddim_steps)
+    erase.main(argv, m=m)
+    log = [json.loads(line) for line in open(os.path.join(argv[argv.index("--out") + 1], "log.jsonl"))]
     return dict(forwards=n[0], seconds=statistics.median(r["seconds"] for r in log[1:]),
                 t_enc=[r["t_enc"] for r in log])  # the first update is a warm-up, not timed
 
 
-def run_baseline(a, m, t_encs):
-    """The published schedule: pgd steps and model steps alternate; each loop iteration samples
-    z (c_e) and z_r (c_a) anew with the trained copy; two fp32 UNet copies; unbatched forwards."""
-    import copy
-    unet = m.unet
-    unet_orig = copy.deepcopy(unet)  # the second full copy
-    params = [p for n, p in unet.named_parameters() if n in set(erase.trained_parameter_names(unet, a.train_method))]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=1e-5)
-    words = [f"w{i}" for i in range(100)]
-    R_K = encode(m, words).float()
-    pi = torch.zeros(100, device=a.device, requires_grad=True)
-    pi_opt = torch.optim.Adam([pi], lr=1e-3)
-    c_e, c_n = encode(m, ["garbage truck"]), encode(m, [""])
-    g = torch.Generator().manual_seed(0)
-    n = count_forwards(unet)
+def run_baseline(a, m, unet_orig, workdir):
+    """The published schedule, literal.py's transcription of it: two fp32 UNet copies, every
+    forward unbatched, c_a drawn and z, z_r sampled anew before every pi step and the model
+    step (resample=True). Forwards of both copies are counted."""
+    n = count_forwards(m.unet)
     n2 = count_forwards(unet_orig)
-
-    def sample_unbatched(model, c, t_enc):
-        z = torch.randn(1, 4, a.latent, a.latent, generator=g).to(a.device)  # z_T
-        m.scheduler.set_timesteps(a.ddim_steps)
-        abar = m.scheduler.alphas_cumprod.to(a.device)
-        for t in m.scheduler.timesteps.tolist()[:t_enc]:
-            with torch.no_grad():
-                e_u = model(z, t, encoder_hidden_states=c_n).sample
-                e_c = model(z, t, encoder_hidden_states=c).sample
-            eps = e_u + 3.0 * (e_c - e_u)
-            t_prev = t - 1000 // a.ddim_steps
-            a_t = abar[t]
-            a_p = abar[t_prev] if t_prev >= 0 else m.scheduler.final_alpha_cumprod.to(a.device)
-            z = a_p.sqrt() * (z - (1 - a_t).sqrt() * eps) / a_t.sqrt() + (1 - a_p).sqrt() * eps
-        return z
-
-    times = []
-    for t_enc in t_encs:
-        sync(a.device)
-        tic = time.perf_counter()
-        for it in range(a.n_iter + 1):  # N_iter pi steps, then one model step
-            y = search.gumbel_softmax(pi, 2.0, True, g)
-            c_a = search.mix(y, R_K)
-            z = sample_unbatched(unet, c_e, t_enc)
-            z_r = sample_unbatched(unet, c_a.detach(), t_enc)
-            t = round(1000 * t_enc / a.ddim_steps)  # the published code's timestep band
-            if it < a.n_iter:
-                l2 = L2(unet(z_r, t, encoder_hidden_states=c_a).sample,
-                        unet_orig(z_r, t, encoder_hidden_states=c_a).sample)
-                pi_opt.zero_grad()
-                (-l2).backward(inputs=[pi])
-                pi_opt.step()
-                continue
-            with torch.no_grad():
-                e_0 = unet_orig(z, t, encoder_hidden_states=c_n).sample
-                e_p = unet_orig(z, t, encoder_hidden_states=c_e).sample
-                e_r = unet_orig(z_r, t, encoder_hidden_states=c_a.detach()).sample
-            e_n = unet(z, t, encoder_hidden_states=c_e).sample
-            e_r_prime = unet(z_r, t, encoder_hidden_states=c_a.detach()).sample
-            loss = total(L1(e_n, erase_target(e_0, e_p, 0.0)), L2(e_r_prime, e_r), 1.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sync(a.device)
-        times.append(time.perf_counter() - tic)
-    return dict(forwards=n[0] + n2[0], seconds=statistics.median(times[1:] or times))
+    args = erase.parse_args(ours_argv(a, workdir, a.ddim_steps))
+    records, _ = literal.erase_literally(m, unet_orig, args, resample=True)
+    return dict(forwards=n[0] + n2[0], seconds=statistics.median(r["seconds"] for r in records[1:]),
+                t_encs=[r["t_encs"] for r in records])
 
 
 def child(a):
@@ -169,7 +111,7 @@ def child(a):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as d:
         if a.child == "baseline":
-            r = run_baseline(a, m, json.loads(a.t_enc))
+            r = run_baseline(a, m, build(a).unet, d)  # the second copy
         else:
             r = run_ours(a, m, d, a.ddim_steps if a.child == "ours" else a.fast_ddim_steps)
         r["forwards_per_update"] = r.pop("forwards") / (a.updates + 1)
@@ -193,11 +135,11 @@ def main(argv=None):
     if a.child:
         return child(a)
     ours = spawn(a, argv, "ours")
-    base = spawn(a, argv, "baseline", ["--t_enc", json.dumps(ours["t_enc"])])
+    base = spawn(a, argv, "baseline")  # the same seed: the same draws at each update's start
     fast = spawn(a, argv, "fast") if a.fast_ddim_steps else None
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     res = dict(device=name, size=a.size, latent=a.latent, ddim_steps=a.ddim_steps, n_iter=a.n_iter,
-               updates=a.updates, train_method=a.train_method, t_enc=ours["t_enc"],
+               updates=a.updates, train_method=a.train_method, t_enc=ours["t_enc"], t_encs_baseline=base["t_encs"],
                forwards_per_update_ours=ours["forwards_per_update"],
                forwards_per_update_baseline=base["forwards_per_update"],
                seconds_per_update_ours=ours["seconds"], seconds_per_update_baseline=base["seconds"],

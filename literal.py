@@ -88,7 +88,8 @@ def erase_literally(m, unet_orig, args, resample=False):
         words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
         S = search.new_search(m, words, search.embed_vocab(m, words, args.cache_dir), c_e, args, device)
     gen = torch.Generator().manual_seed(args.seed)
-    m.scheduler.set_timesteps(args.ddim_steps)
+    regen = torch.Generator().manual_seed(args.seed + 1)  # resample's extra draws: each update
+    # still starts from erase.py's draws    m.scheduler.set_timesteps(args.ddim_steps)
     cfg = unet.config
     shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
@@ -102,9 +103,10 @@ def erase_literally(m, unet_orig, args, resample=False):
     for k in range(args.steps):
         tic = time.perf_counter()
         iterations = args.n_iter + 1 if erase.searched(args) else 1  # N_iter pi steps, 1 model step
+        t_encs = []  # of each sampling of z (and z_r) in this update
         for it in range(iterations):
             if it == 0 or resample:
-                d = erase.draws(gen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
+                d = erase.draws(gen if it == 0 else regen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
                 c_e_i = c_e[d.i:d.i + 1]
                 t, ab = query(args, m.scheduler, d)
                 ab = ab.to(device)
@@ -125,6 +127,7 @@ def erase_literally(m, unet_orig, args, resample=False):
                 else:
                     c_a, word = c_fixed, args.preserve
                 z_T = d.z_T.to(device, unet.dtype)
+                t_encs.append(d.t_enc)
                 z = sample_z(unet, z_T, c_e_i, c_n, args, m.scheduler, d.t_enc)
                 if c_a is not None:  # AGE's L2 is on z itself
                     z_r = sample_z(unet, z_T, c_a, c_n, args, m.scheduler, d.t_enc) if args.method != "age" else z
@@ -170,7 +173,7 @@ def erase_literally(m, unet_orig, args, resample=False):
             loss.backward()
             opt.step()
         records.append(dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=d.t_enc,
-                            c_e=args.concepts[d.i], c_a=word, seconds=round(time.perf_counter() - tic, 4)))
+                            c_e=args.concepts[d.i], c_a=word, t_encs=t_encs, seconds=round(time.perf_counter() - tic, 4)))
     return records, {n: p.detach() for n, p in unet.named_parameters() if n in names}
 
 

@@ -56,10 +56,13 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(model=SD14, device="cpu"):
-    """Tokenizer, text encoder, UNet, VAE (None for a pixel-space model) and DDIM scheduler
-    of an SD-1.x checkpoint: a hub id, a local diffusers folder, or "toy" (toy.py's model).
-    Only safetensors are read. Everything is frozen; erase.py chooses what to train."""
+def load_model(model=SD14, device="cpu", vae=True):
+    """Tokenizer, text encoder, UNet, VAE (None for a pixel-space model, or when vae=False:
+    erase.py trains without decoding) and DDIM scheduler of an SD-1.x checkpoint: a hub id,
+    a local diffusers folder, or "toy" (toy.py's model). Only safetensors are read, always
+    as float32 (fp16-stored derivatives included). The scheduler's config is read first:
+    a v-prediction model is refused before any weights are loaded (Section 3: SD-1.x
+    predicts epsilon). Everything is frozen; erase.py chooses what to train."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     path = TOY if model == "toy" else model
@@ -70,17 +73,21 @@ def load_model(model=SD14, device="cpu"):
         raise UsageError(f"model {model} does not exist (give a hub id or a diffusers folder)")
     try:
         index = DiffusionPipeline.load_config(path)
-        kw = dict(use_safetensors=True)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        has_vae = index.get("vae", [None])[0] is not None
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw) if has_vae else None
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")  # config only
     except (OSError, ValueError, EnvironmentError) as e:
         raise UsageError(f"could not load {model}: {str(e).splitlines()[0]}") from None
     if scheduler.config.prediction_type != "epsilon":
         raise UsageError(f"{model} predicts {scheduler.config.prediction_type}; SD-1.x predicts epsilon")
+    try:
+        # `dtype` (transformers 5, diffusers 0.42): without it an fp16 checkpoint stays fp16
+        kw = dict(use_safetensors=True, dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        has_vae = vae and index.get("vae", [None])[0] is not None
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw) if has_vae else None
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise UsageError(f"could not load {model}: {str(e).splitlines()[0]}") from None
     for m in (text_encoder, unet, vae):
         if m is not None:
             m.requires_grad_(False).eval().to(device)

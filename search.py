@@ -13,7 +13,7 @@ Section 4 and Appendix B.1. For each erased concept c_e:
 `--search pgd` instead ascends a continuous c_a started at c_e (Fig. 4, top).
 
 The vocabularies: a file (one concept per line); "clip", the tokenizer's own vocabulary
-filtered to whole alphabetic words (Table 7); "default", the 3,000 most frequent English
+filtered to whole lowercase a-z words (Table 7); "default", the 3,000 most frequent English
 words from wordfreq, alphabetic only (2,937 words): an openly licensed stand-in, installed with
 pip and offline, for the Oxford 3000 list the paper uses (a publisher's list, not shipped here).
 """
@@ -29,15 +29,20 @@ from tqdm import tqdm
 from sample import UsageError, encode
 
 
+def is_lower_word(w):
+    """A word of Table 7's CLIP vocabulary: one or more lowercase letters a-z, nothing else."""
+    return w.isascii() and w.isalpha() and w.islower()
+
+
 def load_vocab(spec, tokenizer, erased=(), keep_erased=False):
     """The concept space R as a list of words. R = C \\ E as printed: erased concepts are
     dropped (the published code keeps them; --keep_erased)."""
     if spec == "default":
         from wordfreq import top_n_list
         words = [w for w in top_n_list("en", 3000) if w.isalpha() and w.isascii()]
-    elif spec == "clip":
+    elif spec == "clip":  # whole words: lowercase a-z with the end-of-word mark (not 'A'..'Z')
         words = sorted(t[:-4] for t in tokenizer.get_vocab()
-                       if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii())
+                       if t.endswith("</w>") and is_lower_word(t[:-4]))
     else:
         if not os.path.isfile(spec):
             raise UsageError(f"vocabulary file {spec} does not exist")
@@ -60,11 +65,16 @@ def embed_vocab(m, words, cache_dir, batch=256):
     path = os.path.join(cache_dir, f"vocab-{key}.safetensors")
     if os.path.isfile(path):
         return load_file(path)["R"]
-    chunks = [encode(m, words[i:i + batch]).half().cpu()
-              for i in tqdm(range(0, len(words), batch), desc=f"embedding {len(words)} concepts")]
-    R = torch.cat(chunks)
+    if not words:
+        raise UsageError("the concept space R is empty (every word was an erased concept)")
+    R = None  # filled in place, batch by batch: R exists once (no list of chunks, no cat)
+    for i in tqdm(range(0, len(words), batch), desc=f"embedding {len(words)} concepts"):
+        c = encode(m, words[i:i + batch])
+        if R is None:
+            R = torch.empty((len(words), *c.shape[1:]), dtype=torch.float16)
+        R[i:i + len(c)] = c
     os.makedirs(cache_dir, exist_ok=True)
-    save_file({"R": R}, path + ".tmp")
+    save_file({"R": R}, path + ".tmp")  # safetensors 0.8 writes from R's memory: no copy
     os.replace(path + ".tmp", path)  # atomic: a half-written cache is never read
     return R
 
@@ -84,29 +94,62 @@ def kmeans_1d(d, K, iters=50):
     return torch.tensor(chosen)
 
 
+CHUNK_BYTES = 4 * 2 ** 20  # float32 bytes of R scored at once by `candidates`
+
+
+def row_chunks(n, row_bytes):
+    """Slices covering rows 0..n-1, each about CHUNK_BYTES, their lengths equal up to one and
+    at least 2 rows (a reduction over one row may sum in another order than over many)."""
+    k = min(-(-n * row_bytes // CHUNK_BYTES), n // 2) or 1  # the number of chunks
+    bounds = [i * n // k for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def scores(R, target, select):
+    """Each concept of R (N, 77, D) against target (1, 77 D), in float32 a chunk of rows at a
+    time (Appendix B.1): cosine similarity for "similar", else L2 distance. Peak memory is a
+    few chunks, not float32 copies of all of R (3.9 GB in fp16 for SD-1.4's CLIP words);
+    the values are those computed over all of R at once."""
+    out = torch.empty(len(R))
+    for s in row_chunks(len(R), 4 * R.shape[1:].numel()):
+        flat = rearrange(R[s].to(torch.float32, copy=True), "n l d -> n (l d)")
+        out[s] = (F.cosine_similarity(flat, target) if select == "similar"
+                  else flat.sub_(target).norm(dim=1))
+    return out
+
+
 def candidates(R, c_e, K, select="similar", k_closest=1000):
     """Indices of the K candidates in R for one erased concept c_e (77, D)."""
     if K > len(R):
         raise UsageError(f"K = {K} is larger than the vocabulary ({len(R)} concepts)")
-    flat = rearrange(R.float(), "n l d -> n (l d)")
     target = rearrange(c_e.float().cpu(), "l d -> 1 (l d)")
     if select == "similar":  # Appendix B.1: the K most similar concepts by cosine similarity
-        return F.cosine_similarity(flat, target).topk(K).indices
+        return scores(R, target, select).topk(K).indices
     # published code: k_closest by L2 distance, then K representatives by 1-D k-means
-    d = (flat - target).norm(dim=1)
+    d = scores(R, target, select)
     near = d.topk(min(max(k_closest, K), len(R)), largest=False).indices
     return near[kmeans_1d(d[near], K)]
 
 
-def gumbel_softmax(pi, tau, hard, generator):
-    """G(pi): y = softmax((pi + g) / tau), g = -log(-log u), u ~ U(0, 1). Hard: the forward
+def gumbel_noise(shape, generator):
+    """g = -log(-log u), u ~ U(0, 1): the Gumbel noise of one draw of G(pi)."""
+    u = torch.rand(shape, generator=generator).clamp(1e-10, 1 - 1e-10)
+    return -torch.log(-torch.log(u))
+
+
+def G(pi, g, tau, hard):
+    """Gumbel-Softmax with the noise g given: y = softmax((pi + g) / tau). Hard: the forward
     value is one_hot(argmax y), the gradient that of the soft y (straight-through)."""
-    u = torch.rand(pi.shape, generator=generator).clamp(1e-10, 1 - 1e-10).to(pi.device)
-    y = ((pi - torch.log(-torch.log(u))) / tau).softmax(-1)
+    y = ((pi + g.to(pi.device)) / tau).softmax(-1)
     if not hard:
         return y
     y_hard = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
     return y_hard - y.detach() + y
+
+
+def gumbel_softmax(pi, tau, hard, generator):
+    """G(pi) with fresh Gumbel noise."""
+    return G(pi, gumbel_noise(pi.shape, generator), tau, hard)
 
 
 def mix(y, R_K):
@@ -120,38 +163,62 @@ def new_search(m, words, R, c_e, args, device):
     states = []
     for i in range(len(c_e)):
         if args.search == "pgd":  # Fig. 4 (top): continuous c_a, initialised at c_e
-            x = c_e[i:i + 1].detach().clone().float().requires_grad_(True)
+            x = c_e[i:i + 1].detach().clone().requires_grad_(True)
             idx = candidates(R, c_e[i], min(args.K, len(R)), args.select, args.k_closest)
         else:
-            x = torch.zeros(args.K, device=device, requires_grad=True)  # pi, uniform
+            x = torch.zeros(args.K, device=device, dtype=c_e.dtype, requires_grad=True)  # pi, uniform
             idx = candidates(R, c_e[i], args.K, args.select, args.k_closest)
         opt = (torch.optim.Adam if args.pi_optim == "adam" else torch.optim.SGD)([x], lr=args.eta)
         states.append(dict(x=x, opt=opt, words=[words[j] for j in idx],
-                           R_K=R[idx].float().to(device)))
+                           R_K=R[idx].to(device, c_e.dtype)))  # R is cached in fp16
     return states
 
 
-def draw(s, args, generator):
-    """The current adversarial concept c_a (1, 77, D): G(pi) R, or the continuous c_a (pgd)."""
+def draw(s, args, g):
+    """This update's c_a: the value of G(pi; g) R at the update's start (g: its Gumbel noise,
+    from erase.draws), or the continuous c_a (pgd). One draw per update: it conditions z_r
+    and is the c_a of every L2 of the update, the N_iter ascent steps' and the model step's."""
     if args.search == "pgd":
-        return s["x"]
-    return mix(gumbel_softmax(s["x"], args.tau, args.hard, generator), s["R_K"])
+        return dict(g=None, y=None, c_a=s["x"].detach().clone())
+    y = G(s["x"], g, args.tau, args.hard).detach()
+    return dict(g=g, y=y, c_a=mix(y, s["R_K"]))
 
 
-def ascend(s, l2_of, args, generator):
+def concept(s, d, args):
+    """c_a of draw d, differentiable in pi: the draw's value, with the gradient of G(pi; g) at
+    the current pi (straight-through around the draw). At the first ascent step pi has not
+    moved, so this is G(pi; g) R itself; later steps keep the value z_r was sampled with."""
+    if args.search == "pgd":
+        x = s["x"]
+        return d["c_a"] + x - x.detach()
+    y = G(s["x"], d["g"], args.tau, args.hard)
+    return mix(d["y"] + y - y.detach(), s["R_K"])
+
+
+def ascend(s, l2_of, d, args, scale=1.0):
     """Algorithm 1, one step: pi <- pi + eta grad_pi L2(G(pi) R). Only pi moves: the gradient
-    is taken with respect to pi alone, so nothing accumulates on the UNet's parameters."""
-    l2 = l2_of(draw(s, args, generator))
-    (grad,) = torch.autograd.grad(l2, s["x"])
+    is taken with respect to pi alone, so nothing accumulates on the UNet's parameters.
+    `scale` multiplies L2 (a mean over elements) back into the printed squared norm for
+    plain ascent (--pi_optim sgd); Adam does not depend on it but for its epsilon."""
+    l2 = l2_of(concept(s, d, args))
+    (grad,) = torch.autograd.grad(l2 * scale, s["x"])
     s["x"].grad = -grad  # the optimiser descends; descending -L2 ascends L2
     s["opt"].step()
     return float(l2.detach())
 
 
-def chosen(s, args):
-    """The concept logged for c_a: argmax pi, or (pgd) the candidate nearest by cosine."""
+def drawn(s, d, args):
+    """The word logged for the update's c_a: the draw's largest weight (its one-hot for hard
+    Gumbel-Softmax), or (pgd) the candidate nearest the continuous c_a by cosine."""
     if args.search == "pgd":
         sim = F.cosine_similarity(rearrange(s["R_K"], "k l d -> k (l d)"),
-                                  rearrange(s["x"].detach(), "1 l d -> 1 (l d)"))
+                                  rearrange(d["c_a"], "1 l d -> 1 (l d)"))
         return s["words"][int(sim.argmax())]
+    return s["words"][int(d["y"].argmax())]
+
+
+def chosen(s, args):
+    """argmax pi: the concept the search currently favours (logged beside the draw)."""
+    if args.search == "pgd":
+        return None
     return s["words"][int(s["x"].argmax())]

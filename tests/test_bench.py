@@ -19,10 +19,13 @@ def test_bench_smoke_counts_forwards(tmp_path):
                 "peak_memory_bytes_ours", "peak_memory_bytes_baseline"):
         assert key in r
     # per update, t_enc DDIM steps with guidance: ours samples z and z_r once (4 t_enc), runs
-    # 2 forwards per search step and 5 in the model step; the baseline re-samples both at each
-    # of its N_iter + 1 loop iterations (12 t_enc), 2 per search step, 5 in the model step
+    # 2 forwards per search step and 4 in the model step (Eq. 3's target needs no eps(c_e));
+    # the baseline (literal.py, the published schedule) samples both anew before each of its
+    # N_iter + 1 iterations (4 t_enc each), 2 per search step, 4 in the model step
     n = len(r["t_enc"])
-    ours = sum(4 * t + 2 * 2 + 5 for t in r["t_enc"]) / n
-    base = sum(12 * t + 2 * 2 + 5 for t in r["t_enc"]) / n
+    ours = sum(4 * t + 2 * 2 + 4 for t in r["t_enc"]) / n
+    base = sum(sum(4 * t for t in ts) + 2 * 2 + 4 for ts in r["t_encs_baseline"]) / n
     assert r["forwards_per_update_ours"] == ours and r["forwards_per_update_baseline"] == base
+    assert [ts[0] for ts in r["t_encs_baseline"]] == r["t_enc"]  # each update starts from the same draws
+    assert all(len(ts) == 3 for ts in r["t_encs_baseline"])  # N_iter 2: three samplings
     assert "ours" in p.stdout and "baseline" in p.stdout

@@ -106,3 +106,40 @@ def test_model_paths(tmp_path):
         sample.load_model(str(tmp_path))
     with pytest.raises(UsageError, match="could not load"):
         sample.load_model("CompVis/stable-diffusion-v1-4")  # offline: a clear line, not a traceback
+
+
+def test_fp16_checkpoint_loads_as_float32(tmp_path):
+    import offline
+    tok, text_encoder, unet, vae, scheduler = offline.build(offline.tiny_configs())
+    folder = offline.save_pipeline(str(tmp_path / "fp16"), tok, text_encoder.half(), unet.half(),
+                                   vae.half(), scheduler)
+    m = sample.load_model(folder)
+    dtypes = {p.dtype for net in (m.text_encoder, m.unet, m.vae) for p in net.parameters()}
+    assert dtypes == {torch.float32}
+    (x,) = sample.generate(m, ["church"], [0], 7.5, 2, progress=False)  # no dtype mismatch
+    assert x.dtype == np.uint8
+
+
+def test_v_prediction_is_refused_before_loading_weights(tiny_sd, tmp_path):
+    import json
+    import shutil
+    folder = tmp_path / "v"
+    shutil.copytree(tiny_sd, folder)
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(dict(cfg, prediction_type="v_prediction")))
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()  # loading the UNet's weights would fail with another message
+    with pytest.raises(UsageError, match="v_prediction; SD-1.x predicts epsilon"):
+        sample.load_model(str(folder))
+
+
+def test_vae_false_skips_the_vae(tiny_sd, monkeypatch):
+    import diffusers
+    loaded = []
+    real = diffusers.AutoencoderKL.from_pretrained
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained",
+                        lambda *a, **kw: loaded.append(a) or real(*a, **kw))
+    m = sample.load_model(tiny_sd, vae=False)
+    assert m.vae is None and loaded == [] and m.unet is not None and m.text_encoder is not None
+    assert sample.load_model(tiny_sd).vae is not None and len(loaded) == 1

@@ -1,5 +1,9 @@
 """Algorithm 1: vocabularies, candidates, Gumbel-Softmax and the ascent on L2."""
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +32,27 @@ def test_hard_gumbel_softmax_is_one_hot_forward_with_soft_gradient():
     assert pi.grad.abs().sum() > 0 and torch.allclose(pi.grad, x.grad)  # straight-through
 
 
+def test_concept_keeps_the_draws_value_with_the_gradient_at_the_current_pi():
+    """Every L2 of an update sees the value z_r was sampled with; pi's gradient is G's at the
+    current pi, so at the first ascent step (pi unmoved) it is exactly G(pi; g) R."""
+    R_K = torch.randn(4, 77, 2)
+    for hard in (True, False):
+        a = args(hard=hard, tau=1.5)
+        s = dict(x=torch.tensor([0.3, -0.2, 0.1, 0.0], requires_grad=True), R_K=R_K, words=list("abcd"))
+        g = search.gumbel_noise((4,), torch.Generator().manual_seed(5))
+        d = search.draw(s, a, g)
+        c = search.concept(s, d, a)
+        ref = search.mix(search.G(s["x"], g, 1.5, hard), R_K)
+        assert torch.allclose(c, ref) and torch.allclose(c, d["c_a"])
+        w = torch.randn_like(c)
+        gc, = torch.autograd.grad((c * w).sum(), s["x"])
+        gr, = torch.autograd.grad((ref * w).sum(), s["x"])
+        assert torch.allclose(gc, gr) and gc.abs().sum() > 0
+        with torch.no_grad():
+            s["x"].add_(torch.tensor([0.0, 0.5, 0.0, 0.0]))  # pi moves (a soft draw would change)
+        assert torch.allclose(search.concept(s, d, a), d["c_a"])  # still the draw's value
+
+
 def test_soft_gumbel_softmax_is_a_distribution_sharper_at_low_tau():
     pi = torch.tensor([0.0, 1.0, 0.0])
     hot = search.gumbel_softmax(pi, 0.05, False, torch.Generator().manual_seed(1))
@@ -42,8 +67,9 @@ def test_ascent_moves_pi_towards_the_concept_with_the_largest_l2():
     a = args(pi_optim="adam", eta=0.1, hard=False)
     s["opt"] = torch.optim.Adam([s["x"]], lr=a.eta)
     g = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        search.ascend(s, lambda c: c.pow(2).mean(), a, g)
+    for _ in range(30):  # one draw per update, then its ascent step
+        d = search.draw(s, a, search.gumbel_noise((3,), g))
+        search.ascend(s, lambda c: c.pow(2).mean(), d, a)
     assert search.chosen(s, a) == "b"
 
 
@@ -65,9 +91,10 @@ def test_a_search_step_increases_l2_on_the_tiny_unet(tiny_sd):
     a = args(hard=False, pi_optim="sgd", eta=50.0, K=5)
     s = dict(x=torch.zeros(5, requires_grad=True), R_K=R, words=list("abcde"))
     s["opt"] = torch.optim.SGD([s["x"]], lr=a.eta)
-    before = float(l2_of(search.draw(s, a, torch.Generator().manual_seed(3))))
-    search.ascend(s, l2_of, a, torch.Generator().manual_seed(3))  # same Gumbel noise
-    after = float(l2_of(search.draw(s, a, torch.Generator().manual_seed(3))))
+    g = search.gumbel_noise((5,), torch.Generator().manual_seed(3))  # the same noise throughout
+    before = float(l2_of(search.draw(s, a, g)["c_a"]))
+    search.ascend(s, l2_of, search.draw(s, a, g), a)
+    after = float(l2_of(search.draw(s, a, g)["c_a"]))
     assert after > before
 
 
@@ -116,3 +143,116 @@ def test_embeddings_are_computed_once_and_cached(tmp_path, tiny_sd, monkeypatch)
     monkeypatch.setattr(search, "encode", lambda *a: calls.append(a))
     assert torch.equal(search.embed_vocab(m, ["truck", "car"], str(tmp_path)), R)
     assert calls == []  # read from the cache, not encoded again
+
+
+def test_clip_vocabulary_is_lowercase_words(tiny_sd):
+    m = load_model(tiny_sd)
+    clip = search.load_vocab("clip", m.tokenizer)
+    assert not any(c.isupper() for w in clip for c in w)  # not the byte symbols 'A'..'Z'
+    assert all(w.isascii() and w.isalpha() for w in clip) and len(clip) == 32875 == len(set(clip))
+
+
+def whole_at_once(R, c_e, K, select, k_closest):
+    """candidates() as first written: float32 copies of all of R (the reference)."""
+    flat = R.float().flatten(1)
+    target = c_e.float().flatten()[None]
+    if select == "similar":
+        return torch.nn.functional.cosine_similarity(flat, target).topk(K).indices
+    d = (flat - target).norm(dim=1)
+    near = d.topk(min(max(k_closest, K), len(R)), largest=False).indices
+    return near[search.kmeans_1d(d[near], K)]
+
+
+@pytest.mark.parametrize("D", [8, 768])  # 768: SD-1.4, rows long enough to sum in parallel
+@pytest.mark.parametrize("rows", [2, 7, 10 ** 6])  # rows per chunk (10 ** 6: all at once)
+def test_chunked_candidates_equal_the_whole_at_once(D, rows, monkeypatch):
+    monkeypatch.setattr(search, "CHUNK_BYTES", rows * 77 * D * 4)
+    g = torch.Generator().manual_seed(D + rows)
+    R = torch.randn(100, 77, D, generator=g).half()
+    c_e = R[11].float() + 0.3 * torch.randn(77, D, generator=g)
+    flat, target = R.float().flatten(1), c_e.flatten()[None]
+    assert torch.equal(search.scores(R, target, "similar"),
+                       torch.nn.functional.cosine_similarity(flat, target))  # bit for bit
+    assert torch.equal(search.scores(R, target, "kmeans"), (flat - target).norm(dim=1))
+    for select in ("similar", "kmeans"):
+        ours = search.candidates(R, c_e, 20, select, k_closest=60)
+        assert torch.equal(ours, whole_at_once(R, c_e, 20, select, 60)), select
+
+
+def test_row_chunks_cover_all_rows_in_near_equal_parts():
+    for n in (1, 2, 3, 10, 300, 32875):  # lengths equal up to one, 2 rows or more
+        lengths = [s.stop - s.start for s in search.row_chunks(n, 77 * 768 * 4)]
+        assert sum(lengths) == n and max(lengths) - min(lengths) <= 1 and min(lengths) >= min(n, 2)
+    assert len(search.row_chunks(32875, 77 * 768 * 4)) == 1855  # SD-1.4: 17 or 18 rows, 4 MiB
+
+
+PEAK = r"""
+import gc, json, sys
+import torch
+import search
+from sample import encode, load_model
+
+
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
+
+
+def reset_peak():
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    return status("VmRSS:")
+
+
+model, cache, phase, encoder = sys.argv[1:5]
+m = load_model(model)
+words = search.load_vocab("clip", m.tokenizer)
+g, D = torch.Generator().manual_seed(0), m.text_encoder.config.hidden_size
+if encoder == "stub":  # the text encoder's output shape, without its time and working memory
+    search.encode = lambda m, ws: torch.randn(len(ws), 77, D, generator=g)
+if phase == "embed":  # the first run: encode every word and write the cache
+    base = reset_peak()
+    R = search.embed_vocab(m, words, cache)
+    out = dict(extra=status("VmHWM:") - base - R.nbytes)
+else:  # later runs: R read from the cache, then the candidates of one erased concept
+    R = search.embed_vocab(m, words, cache)
+    R.sum()  # load_file maps the file: bring R in once, before the baseline
+    c_e = R[words.index("church")].float() + 0.1 * torch.randn(R.shape[1:], generator=g)
+    base = reset_peak()
+    idx = {s: search.candidates(R, c_e, 100, s, 1000).tolist() for s in ("similar", "kmeans")}
+    out = dict(extra=status("VmHWM:") - base, idx=idx)
+print(json.dumps(dict(out, phase=phase, words=len(words), R_bytes=R.nbytes,
+                      ratio=out["extra"] / R.nbytes)))
+"""
+
+
+def peak_extra(model, cache, phase, encoder="stub", root=None):
+    """Peak host memory of embed_vocab ("embed": beyond R itself) or candidates ("candidates")
+    for --vocab clip, measured in a fresh process (Linux: VmHWM after clear_refs), as a
+    multiple of R's bytes. encoder "stub": random embeddings of the text encoder's shape
+    (fast; its working memory left out), "real": the model's. `root`: the folder whose
+    search.py is measured (this one by default)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    done = subprocess.run([sys.executable, "-c", PEAK, model, cache, phase, encoder], cwd=root,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_clip_vocabulary_memory_is_r_once(tiny_sd, tmp_path):
+    embed = peak_extra(tiny_sd, str(tmp_path), "embed")
+    assert embed["R_bytes"] == embed["words"] * 77 * 32 * 2 > 160e6  # fp16 (N, 77, D)
+    assert embed["ratio"] <= 0.5, embed["ratio"]  # was 1x to 2x: a list of chunks, then torch.cat
+    cand = peak_extra(tiny_sd, str(tmp_path), "candidates")
+    assert cand["ratio"] <= 0.5, cand["ratio"]  # was about 8x: float32 copies of all of R
+
+
+if __name__ == "__main__":  # python -m tests.test_search MODEL [stub|real] [ROOT]: the figures
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        for phase in ("embed", "candidates"):
+            r = peak_extra(sys.argv[1], d, phase, *sys.argv[2:4])
+            print(f"{phase}: {r['words']} words, R {r['R_bytes'] / 1e6:.0f} MB, peak extra "
+                  f"{r['extra'] / 1e6:.1f} MB = {r['ratio']:.3f} x R")
