@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import erase
 import sample
@@ -30,10 +31,24 @@ def test_the_readme_has_the_commands():
 
 @pytest.mark.parametrize("argv", ERASE, ids=[" ".join(a)[:60] for a in ERASE])
 def test_erase_commands(argv, tiny_sd, tmp_path):
-    path = erase.main(argv + ["--model", tiny_sd, "--steps", "2", "--ddim_steps", "3",
-                              "--device", "cpu", "--out", str(tmp_path / "out"),
-                              "--cache_dir", os.path.join(os.path.dirname(tiny_sd), "cache")])
-    assert os.path.isfile(path)
+    """Each README erase.py command runs, records the settings it names, and changes the UNet."""
+    import json
+    from safetensors.torch import load_file
+    from sample import load_model
+    test_flags = ["--model", tiny_sd, "--steps", "2", "--ddim_steps", "3", "--device", "cpu",
+                  "--out", str(tmp_path / "out"), "--cache_dir", os.path.join(os.path.dirname(tiny_sd), "cache")]
+    path = erase.main(argv + test_flags)
+    config = json.load(open(tmp_path / "out" / "config.json"))
+    named = vars(erase.parse_args(argv))  # what the README's command alone asks for
+    for flag in (a[2:] for a in argv if a.startswith("--")):
+        key = {"soft": "hard"}.get(flag, flag)
+        if f"--{flag}" not in test_flags:
+            assert config[key] == named[key], (flag, config[key], named[key])
+    original = dict(load_model(tiny_sd).unet.named_parameters())
+    saved = load_file(path)
+    assert saved and any(not torch.equal(saved[n], original[n]) for n in saved)
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert [r["c_e"] in named["concepts"] for r in log] == [True, True]
 
 
 def test_sample_and_offline_commands(tiny_sd, tmp_path):
