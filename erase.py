@@ -11,6 +11,9 @@ Methods (--method):
 - age:   Adaptive Guided Erasure: the target c_n is replaced by the Gumbel mixture c_t, which
          is also the preserved concept (L2 on z_t, as the published code does).
 
+literal.py transcribes the same loop the slow obvious way (two UNets, unbatched forwards);
+tests/test_literal.py proves the two equal on the same random draws.
+
 Writes to --out: weights.safetensors (the trained UNet parameters only, under the UNet's own
 names), config.json (the resolved settings) and log.jsonl (one line per model update).
 """

@@ -89,7 +89,8 @@ def erase_literally(m, unet_orig, args, resample=False):
         S = search.new_search(m, words, search.embed_vocab(m, words, args.cache_dir), c_e, args, device)
     gen = torch.Generator().manual_seed(args.seed)
     regen = torch.Generator().manual_seed(args.seed + 1)  # resample's extra draws: each update
-    # still starts from erase.py's draws    m.scheduler.set_timesteps(args.ddim_steps)
+    # still starts from erase.py's draws
+    m.scheduler.set_timesteps(args.ddim_steps)
     cfg = unet.config
     shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
 

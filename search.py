@@ -9,7 +9,9 @@ Section 4 and Appendix B.1. For each erased concept c_e:
   the word nearest each of K centroids);
 - logits pi (K,), uniform at the start; c_a = G(pi) R with G the Gumbel-Softmax of
   temperature tau, hard (one-hot forward, straight-through gradient) or soft;
-- N_iter ascent steps pi <- pi + eta grad_pi L2 (erase.py supplies L2 and calls `ascend`).
+- one draw of c_a per model update (`draw`): it conditions z_r and is the c_a of every L2 of
+  that update; N_iter ascent steps pi <- pi + eta grad_pi L2 at the draw's value, the gradient
+  taken at the current pi (`concept`, `ascend`; erase.py supplies L2).
 `--search pgd` instead ascends a continuous c_a started at c_e (Fig. 4, top).
 
 The vocabularies: a file (one concept per line); "clip", the tokenizer's own vocabulary

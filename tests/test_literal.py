@@ -9,8 +9,9 @@ differ by ~1e-6 of their value (the CPU's kernels block the sums differently), a
 difference of two nearly equal outputs, magnifies that: fp32 is checked at the tolerance it
 allows: relative 1e-5 plus the rounding of a mean of squares, 2 sqrt(L) delta + delta^2 for
 inputs that differ by delta = 2e-6 (the batched / unbatched difference measured here), and the
-weights within 1e-6 after 6 updates at the paper's lr, 1e-5 (Adam turns rounding in a near-zero
-gradient into an lr-sized step: at lr 1e-4 they differ by up to 2e-6)."""
+weights' displacement from theta within 1e-3 of its norm after 6 updates at the paper's lr 1e-5
+(Adam's first step is lr sign(g): rounding can flip the sign of a near-zero gradient component
+and move that one weight 2 lr the other way)."""
 import json
 import os
 
@@ -64,6 +65,16 @@ def both(tiny_sd, vocab, out, flags, dtype, lr):
     return logs[0], logs[1], w_fast, w_lit
 
 
+def displacement_gap(tiny_sd, w_fast, w_lit):
+    """|| (theta'_fast - theta) - (theta'_lit - theta) || / || theta'_lit - theta ||: fp32 rounding
+    can flip the sign of a near-zero gradient component, which Adam's first step turns into a
+    difference of 2 lr in that one weight; the displacement as a whole still agrees."""
+    theta = dict(load_model(tiny_sd).unet.named_parameters())
+    gap = sum(float((w_fast[n] - w_lit[n]).pow(2).sum()) for n in w_fast) ** 0.5
+    moved = sum(float((w_lit[n] - theta[n]).pow(2).sum()) for n in w_lit) ** 0.5
+    return gap / moved
+
+
 def close(a, b, rel, floor=0.0):
     return abs(a - b) <= rel * max(abs(a), abs(b)) + floor
 
@@ -95,5 +106,20 @@ def test_fast_loop_is_the_literal_algorithm_float32(tiny_sd, vocab, tmp_path, na
         assert (a["t_enc"], a["t"], a["c_a"]) == (b["t_enc"], b["t"], b["c_a"])
         for key in ("l1", "l2"):
             assert close32(a[key], b[key]), (a["step"], key, a[key], b[key])
-    worst = max(float((w_fast[n] - w_lit[n]).abs().max()) for n in w_fast)
-    assert worst <= 1e-6, worst
+    assert displacement_gap(tiny_sd, w_fast, w_lit) <= 1e-3
+
+
+def test_literal_cli_loads_two_copies_and_writes_erase_pys_files(tiny_sd, vocab, tmp_path):
+    """`python literal.py` (erase.py's flags): two copies loaded from the checkpoint; after one
+    update of the literal loop, the weights equal erase.py's to fp32's rounding."""
+    import subprocess
+    import sys
+    argv = ["--model", tiny_sd, "--concept", "church", "--steps", "1", "--K", "4", "--vocab", vocab,
+            "--ddim_steps", "3", "--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "literal.py"), *argv, "--out", str(tmp_path / "lit")],
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert sorted(os.listdir(tmp_path / "lit")) == ["config.json", "log.jsonl", "weights.safetensors"]
+    lit = load_file(tmp_path / "lit" / "weights.safetensors")
+    fast = load_file(erase.main(argv + ["--out", str(tmp_path / "fast")]))
+    assert displacement_gap(tiny_sd, fast, lit) <= 1e-3
