@@ -15,3 +15,11 @@ def tiny_sd(tmp_path_factory):
     encoder with the real 49,408-token tokenizer, tiny VAE, SD-1.4's DDIM scheduler)."""
     import offline
     return offline.save_random_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def vocab(tmp_path_factory):
+    """A small concept space R, one word a line."""
+    f = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    f.write_text("truck\ncar\nroad\nchurch\nbus\ntree\nred\nmusic\nlexus\nwaste\n")
+    return str(f)

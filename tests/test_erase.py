@@ -14,11 +14,17 @@ from sample import UsageError, load_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def vocab(tmp_path_factory):
-    f = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    f.write_text("truck\ncar\nroad\nchurch\nbus\ntree\nred\nmusic\nlexus\nwaste\n")
-    return str(f)
+def dies_at_update(monkeypatch, n):
+    """Kill the run (KeyboardInterrupt) when update n (counted from 1) computes L1."""
+    real, calls = erase.L1, []
+
+    def l1(*a):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(erase, "L1", l1)
+    return lambda: monkeypatch.setattr(erase, "L1", real)  # undo
 
 
 def run(tiny_sd, vocab, out, *extra):
@@ -103,18 +109,10 @@ def test_resume_finishes_with_the_same_weights(tiny_sd, vocab, tmp_path, monkeyp
     flags = ["--steps", "6", "--save_every", "2", "--method", "eap"]
     whole = load_file(run(tiny_sd, vocab, tmp_path / "whole", *flags))
 
-    calls = {"n": 0}
-    real = erase.L1
-
-    def dies_at_step_5(*a):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # killed after the checkpoint at step 4
-        return real(*a)
-    monkeypatch.setattr(erase, "L1", dies_at_step_5)
+    undo = dies_at_update(monkeypatch, 5)  # killed after the checkpoint at step 4
     with pytest.raises(KeyboardInterrupt):
         run(tiny_sd, vocab, tmp_path / "cut", *flags)
-    monkeypatch.setattr(erase, "L1", real)
+    undo()
     assert not (tmp_path / "cut" / "weights.safetensors").exists()
     assert (tmp_path / "cut" / erase.RESUME).exists()
     (tmp_path / "cut" / (erase.RESUME + ".tmp")).write_bytes(b"half a file")  # never read
@@ -130,14 +128,7 @@ def test_resume_finishes_with_the_same_weights(tiny_sd, vocab, tmp_path, monkeyp
 
 
 def test_resume_refuses_other_settings(tiny_sd, vocab, tmp_path, monkeypatch):
-    real, calls = erase.L1, []
-
-    def dies_at_step_2(*a):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a)
-    monkeypatch.setattr(erase, "L1", dies_at_step_2)
+    dies_at_update(monkeypatch, 2)
     flags = ["--steps", "4", "--save_every", "1", "--method", "esd"]
     with pytest.raises(KeyboardInterrupt):
         run(tiny_sd, vocab, tmp_path, *flags)
@@ -146,18 +137,11 @@ def test_resume_refuses_other_settings(tiny_sd, vocab, tmp_path, monkeypatch):
 
 
 def test_a_fresh_run_refuses_to_delete_an_unfinished_runs_checkpoint(tiny_sd, vocab, tmp_path, monkeypatch):
-    real, calls = erase.L1, []
-
-    def dies_at_step_2(*a):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a)
-    monkeypatch.setattr(erase, "L1", dies_at_step_2)
+    undo = dies_at_update(monkeypatch, 2)
     flags = ["--steps", "4", "--save_every", "1", "--method", "esd"]
     with pytest.raises(KeyboardInterrupt):
         run(tiny_sd, vocab, tmp_path, *flags)
-    monkeypatch.setattr(erase, "L1", real)
+    undo()
     with pytest.raises(UsageError, match="unfinished run: add --resume"):
         run(tiny_sd, vocab, tmp_path, *flags)
     assert (tmp_path / erase.RESUME).exists()  # still there to resume from
@@ -168,14 +152,7 @@ def test_the_ascent_moves_pi(tiny_sd, vocab, tmp_path, optim, monkeypatch):
     """pi after 2 updates, read from the checkpoint: the printed eta 1e-3 moves it under plain
     ascent too, because sgd ascends the squared norm (a sum), not the mean over elements."""
     from safetensors import safe_open
-    real, calls = erase.L1, []
-
-    def dies_at_step_3(*a):  # stopped after the checkpoint of update 2
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a)
-    monkeypatch.setattr(erase, "L1", dies_at_step_3)
+    dies_at_update(monkeypatch, 3)  # stopped after the checkpoint of update 2
     with pytest.raises(KeyboardInterrupt):
         run(tiny_sd, vocab, tmp_path, "--steps", "3", "--save_every", "2", "--pi_optim", optim,
             "--eta", "1e-3", "--lr", "1e-2", "--soft")

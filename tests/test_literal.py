@@ -41,13 +41,6 @@ ROWS = [
 CASES = [(name, flags + ["--timestep", mode]) for name, flags in ROWS for mode in ("matched", "published")]
 
 
-@pytest.fixture(scope="module")
-def vocab(tmp_path_factory):
-    f = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    f.write_text("truck\ncar\nroad\nchurch\nbus\ntree\nred\nmusic\nlexus\nwaste\n")
-    return str(f)
-
-
 def both(tiny_sd, vocab, out, flags, dtype, lr):
     """Run erase.main and literal.main with the same flags on fresh copies in `dtype`; return
     (fast log, literal log, fast weights, literal weights)."""

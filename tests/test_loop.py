@@ -11,13 +11,6 @@ import erase
 from sample import ddim, encode, load_model
 
 
-@pytest.fixture(scope="module")
-def vocab(tmp_path_factory):
-    f = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    f.write_text("truck\ncar\nroad\nchurch\nbus\ntree\nred\nmusic\nlexus\nwaste\n")
-    return str(f)
-
-
 def watched(tiny_sd, vocab, tmp_path, *flags):
     """Run erase.py for 1 update; return the forwards [(frozen?, contexts, output needs grad)],
     the log record and the model."""
