@@ -458,8 +458,8 @@ def parse_args(argv=None):
     b.add_argument("--erase_steps", type=int, default=150)
     b.add_argument("--lr", type=float, default=3e-4)
     b.add_argument("--train_method", default="xattn")
-    # 1, the published code's target (and ESD's): at Eq. 3's printed target (0) neither esd nor
-    # eap erased both concepts to ESR-1 >= 90% here within a CPU's budget (README, toy world)
+    # 1, the published code's target (and ESD's): at Eq. 3's printed target (0) eap erased both
+    # concepts to ESR-1 >= 90% at no setting tried within a CPU's budget (README, toy world)
     b.add_argument("--negative_guidance", type=float, default=1.0,
                    help="1: the published code's target; 0: Eq. 3's as printed (erase.py's flag)")
     b.add_argument("--ddim_steps", type=int, default=10, help="DDIM steps of z_t in erase.py")
