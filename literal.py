@@ -165,11 +165,12 @@ def erase_literally(m, unet_orig, args, resample=False):
                     target = e_n - args.negative_guidance * (e_e - e_n)
                 if c_a is not None:
                     e_a = unet_orig(z_r, t, encoder_hidden_states=c_a).sample
+            # Eq. 3 / L1 = || eps_theta'(z, c_e) - target ||^2
             l1 = mse(space(unet(z, t, encoder_hidden_states=c_e_i).sample, z, ab), space(target, z, ab))
             l2 = torch.zeros((), device=device)
-            if c_a is not None:
+            if c_a is not None:  # Eq. 4/5, L2 = || eps_theta'(z_r, c_a) - eps_theta(z_r, c_a) ||^2
                 l2 = mse(space(unet(z_r, t, encoder_hidden_states=c_a).sample, z_r, ab), space(e_a, z_r, ab))
-            loss = l1 + args.lam * l2
+            loss = l1 + args.lam * l2  # Eq. 4/5: L1 + lambda L2
             opt.zero_grad()
             loss.backward()
             opt.step()
