@@ -124,7 +124,8 @@ def when(args, ts, d):
     matched: t_enc steps, then z_t sits at ts[t_enc], and t and x0 use that timestep.
     published: the published sampler counts its index down from n - 1 and stops after the step
     whose index + 1 == t_enc (t_enc = 0: all n steps), i.e. after min(n, n + 1 - t_enc) steps;
-    z then sits two DDIM steps below the band its query t is drawn from, and x0 uses abar at
+    z then sits two DDIM steps below the band its query t is drawn from (t_enc >= 2; below
+    that, at the clean end), and x0 uses abar at
     DDIM index t_enc (counted from the clean end), ts[n - 1 - t_enc]."""
     n = args.ddim_steps
     if args.timestep == "matched":

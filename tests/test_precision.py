@@ -3,6 +3,7 @@ autocast (the CUDA default), every forward that a loss or a gradient sees runs i
 the difference of two nearly equal UNet outputs: computed in bf16 it is rounding noise (hundreds
 of times its fp32 value at the first updates). Checked on the toy model at the paper's lr."""
 import json
+import os
 
 import torch
 
@@ -20,9 +21,13 @@ def run(tmp_path, precision, steps):
 
 
 def test_bf16_sampling_keeps_l2_within_5_percent_of_fp32(tmp_path, monkeypatch):
-    monkeypatch.chdir(erase.os.path.dirname(erase.os.path.abspath(erase.__file__)))
-    torch.set_num_threads(1)
-    fp32, bf16 = run(tmp_path, "fp32", 50), run(tmp_path, "bf16", 50)
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # toy/vocab.txt
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a shared 2-core machine thrash
+    try:
+        fp32, bf16 = run(tmp_path, "fp32", 50), run(tmp_path, "bf16", 50)
+    finally:
+        torch.set_num_threads(threads)
     assert [r["c_a"] for r in fp32] == [r["c_a"] for r in bf16]  # the same draws
     assert fp32[0]["l2"] == bf16[0]["l2"] == 0  # theta' = theta at the first update
     ratios = [b["l2"] / a["l2"] for a, b in zip(fp32[1:], bf16[1:])]
