@@ -31,8 +31,8 @@ from tqdm import trange
 
 import search
 from losses import L1, L2, erase_target, in_space, total
-from sample import (SD14, UsageError, ddim, default_device, encode, load_model, one_line_errors,
-                    run_cli)
+from cli import UsageError, default_device, one_line_errors, run_cli
+from sample import SD14, ddim, encode, load_model
 
 RESUME = "resume.state"  # safetensors format; a different suffix keeps one *.safetensors in --out
 
@@ -41,8 +41,17 @@ def parse_args(argv=None):
     p = one_line_errors(argparse.ArgumentParser(description="Erase concepts from an SD-1.x UNet."))
     p.add_argument("--model", default=SD14, help="hub id, diffusers folder, or 'toy'")
     p.add_argument("--concept", required=True, help="concept(s) to erase, comma-separated: E")
-    p.add_argument("--method", default="eap", choices=["eap", "esd", "fixed", "age"])
-    p.add_argument("--preserve", help="c_a for --method fixed (\"\" is the empty concept)")
+    p.add_argument("--method", default="eap", choices=["eap", "esd", "fixed", "age", "uce", "ca"])
+    p.add_argument("--preserve", help="fixed: c_a (\"\" is the empty concept); uce: the concepts "
+                                      "to preserve, comma-separated (optional)")
+    # UCE (Gandikota et al. 2024): a closed-form edit of every attn2.to_k / to_v (uce.py)
+    p.add_argument("--guide", default="", help="uce: c*, what each erased concept maps to: one for "
+                                                 "all, or one per --concept, comma-separated")
+    p.add_argument("--uce_lambda", type=float, default=None, help="uce: lambda (uce.py's default)")
+    p.add_argument("--erase_scale", type=float, default=None, help="uce: weight of the erased terms")
+    p.add_argument("--preserve_scale", type=float, default=None, help="uce: lambda_p")
+    # Concept Ablation (Kumari et al. 2023, model-based): c_e's noise prediction moves to the anchor's
+    p.add_argument("--anchor", help="ca: the anchor concept c*, one for all or one per --concept")
     p.add_argument("--train_method", default="xattn", choices=["xattn", "noxattn", "full"])
     # Section 5 / Appendix B.1: 1000 steps, batch 1, Adam, lr 1e-5, lambda 1, K 100 (50 nudity)
     p.add_argument("--steps", type=int, default=1000)
@@ -60,8 +69,12 @@ def parse_args(argv=None):
                    help="pi's gradient through both UNets (printed) or the trained one (code)")
     p.add_argument("--tau", type=float, default=2.0, help="Gumbel-Softmax temperature")
     p.add_argument("--soft", dest="hard", action="store_false", help="soft Gumbel-Softmax")
+    p.add_argument("--gumbel_topk", type=int, default=0,
+                   help="AGE's published code: keep the N largest Gumbel-Softmax weights, "
+                        "renormalised (0: all)")
     p.add_argument("--search", default="gumbel", choices=["gumbel", "pgd"])
-    p.add_argument("--vocab", default="default", help="FILE (one concept a line), clip, default")
+    p.add_argument("--vocab", default="default",
+                   help="FILE (one concept a line), clip, imagenet, default")
     p.add_argument("--keep_erased", action="store_true", help="keep E in R (published code)")
     p.add_argument("--select", default="similar", choices=["similar", "kmeans"])
     p.add_argument("--k_closest", type=int, default=1000, help="first stage of --select kmeans")

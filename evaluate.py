@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cli import UsageError, default_device, one_line_errors, read_csv, run_cli, write_csv
 from prompts import (IMAGENETTE, prompts_artists, prompts_concepts, prompts_i2p,
-                     prompts_imagenette, prompts_toy, read_csv, toy_classes, write_csv)
-from sample import UsageError, default_device, one_line_errors, run_cli
+                     prompts_imagenette, prompts_toy, toy_classes)
 
 # Section 5.2: NudeNet v3's exposed body parts, ANUS_EXPOSED left out as in the published code
 EXPOSED = ["FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",

@@ -32,7 +32,8 @@ from einops import einsum
 
 import erase
 import search
-from sample import encode, load_model, run_cli
+from cli import run_cli
+from sample import encode, load_model
 
 
 def sample_z(unet, z, c, c_n, args, scheduler, t_enc):

@@ -5,10 +5,7 @@
     python evaluate.py prompts i2p --file i2p_benchmark.csv --out prompts/i2p.csv
     python evaluate.py prompts concepts --out prompts/concepts.csv --seeds 200
 """
-import csv
-import os
-
-from sample import UsageError
+from cli import UsageError, read_csv
 
 # Section 5.1: the 10 Imagenette classes and their ImageNet-1k indices
 IMAGENETTE = {"tench": 0, "english springer": 217, "cassette player": 482, "chain saw": 491,
@@ -47,28 +44,11 @@ ARTISTS = {
 # Imagenette classes (the paper does not print its Fig. 1 list)
 CONCEPTS = ["nudity", "a photo", "person", "women", "men", "naked", "body", "president", "lexus",
             "road", "truck", "bus", "car", "dog", "house", "tree"] + list(IMAGENETTE)
+# The toy world's concepts (toy.py draws them): a colour and a shape, 36 in all
+TOY_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+TOY_SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
+TOY_CONCEPTS = [f"{c} {s}" for c in TOY_COLOURS for s in TOY_SHAPES]  # index = 6 colour + shape
 
-
-
-def read_csv(path, need=("prompt",)):
-    if not os.path.isfile(path):
-        raise UsageError(f"CSV {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise UsageError(f"CSV {path} has no data rows")
-    missing = [c for c in need if c not in rows[0]]
-    if missing:
-        raise UsageError(f"CSV {path} lacks column(s) {', '.join(missing)}")
-    return rows
-
-
-def write_csv(path, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def prompts_imagenette(seeds):
@@ -108,9 +88,8 @@ def prompts_concepts(concepts, words, seeds):
 
 
 def toy_classes():
-    """The toy world's 36 concepts (toy.py), name -> index, as IMAGENETTE is for Table 1."""
-    import toy  # imported here: toy.py imports sample.py, which imports this file
-    return {c: i for i, c in enumerate(toy.CONCEPTS)}
+    """The toy world's 36 concepts (toy.py draws them), name -> index, as IMAGENETTE is for Table 1."""
+    return {c: i for i, c in enumerate(TOY_CONCEPTS)}
 
 
 def prompts_toy(seeds):

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import torch
@@ -27,33 +26,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from cli import UsageError, default_device, one_line_errors, read_csv, run_cli
+
 SD14 = "CompVis/stable-diffusion-v1-4"
 TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "model")
-
-
-class UsageError(Exception):
-    """Bad input: the scripts print its message as one line on stderr and exit 2."""
-
-
-def run_cli(main, argv=None):
-    """Call `main`, turning a UsageError into one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def one_line_errors(parser):
-    """argparse's errors (unknown choice, missing flag) as a UsageError: one line, no usage dump."""
-    def error(message):
-        raise UsageError(message)
-    parser.error = error
-    return parser
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(model=SD14, device="cpu", vae=True):
@@ -247,7 +223,6 @@ def generate_csv(m, args, rows):
 def main(argv=None):
     args = parse_args(argv)
     if args.csv:
-        from prompts import read_csv  # (prompts.py imports this file)
         rows = read_csv(args.csv, need=("prompt", "seed"))  # refuse a bad file before loading the model
         if "LOCAL_RANK" in os.environ and args.device.startswith("cuda"):
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"

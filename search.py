@@ -28,7 +28,8 @@ from einops import einsum, rearrange
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sample import UsageError, encode
+from cli import UsageError
+from sample import encode
 
 
 def is_lower_word(w):

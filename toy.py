@@ -36,18 +36,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import offline
-from sample import (TOY, UsageError, generate, grid, load_model, load_weights, one_line_errors,
-                    run_cli, side_by_side)
+from cli import UsageError, one_line_errors, run_cli
+from prompts import TOY_COLOURS, TOY_CONCEPTS, TOY_SHAPES
+from sample import TOY, generate, grid, load_model, load_weights, side_by_side
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 ORACLE = os.path.join(HERE, "oracle.safetensors")
 VOCAB = os.path.join(HERE, "vocab.txt")
 
 # ---------------------------------------------------------------------------- the world
-COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40),
-           "green": (40, 180, 60), "blue": (40, 90, 230), "purple": (150, 60, 200)}
-SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
-CONCEPTS = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # 36; index = 6 colour + shape
+COLOURS = dict(zip(TOY_COLOURS, [(220, 40, 40), (245, 140, 20), (240, 220, 40), (40, 180, 60),
+                                (40, 90, 230), (150, 60, 200)]))  # RGB
+SHAPES, CONCEPTS = TOY_SHAPES, TOY_CONCEPTS  # 36; index = 6 colour + shape
 SIZE, SUPER = 16, 8  # image side; supersampling of the drawing (antialiased edges)
 # words that say nothing about the pictures: R's unrelated concepts ("bamboo" for "nudity")
 UNRELATED = ("time people year day man woman child world life hand house car dog cat tree "
