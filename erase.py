@@ -9,7 +9,11 @@ Methods (--method):
 - esd:   Eq. 3, naive erasure, no preservation;
 - fixed: Eq. 4 with one fixed c_a = --preserve (Fig. 1b: "", "lexus", "road");
 - age:   Adaptive Guided Erasure: the target c_n is replaced by the Gumbel mixture c_t, which
-         is also the preserved concept (L2 on z_t, as the published code does).
+         is also the preserved concept (L2 on z_t, as the published code does);
+- ca:    Concept Ablation (Kumari et al. 2023), model-based: z_t from the frozen model's DDIM
+         trajectory for the anchor c*, and || eps_theta'(z_t, c_e) - eps_theta(z_t, c*) ||^2;
+- uce:   Unified Concept Editing (Gandikota et al. 2024): no training loop, a closed-form edit
+         of every cross-attention key and value projection (uce.py).
 
 literal.py transcribes the same loop the slow obvious way (two UNets, unbatched forwards);
 tests/test_literal.py proves the two equal on the same random draws.
@@ -51,7 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--erase_scale", type=float, default=None, help="uce: weight of the erased terms")
     p.add_argument("--preserve_scale", type=float, default=None, help="uce: lambda_p")
     # Concept Ablation (Kumari et al. 2023, model-based): c_e's noise prediction moves to the anchor's
-    p.add_argument("--anchor", help="ca: the anchor concept c*, one for all or one per --concept")
+    p.add_argument("--anchor", help="ca: the anchor concept c*, one for all or one per --concept "
+                                    "(default: a multi-word concept's last word, 'garbage truck' -> 'truck')")
+    p.add_argument("--ca_target", default="frozen", choices=["frozen", "trained"],
+                   help="ca: the anchor's prediction from the frozen model (the objective CA derives) "
+                        "or from the model being trained, under no_grad (CA's published code)")
     p.add_argument("--train_method", default="xattn", choices=["xattn", "noxattn", "full"])
     # Section 5 / Appendix B.1: 1000 steps, batch 1, Adam, lr 1e-5, lambda 1, K 100 (50 nudity)
     p.add_argument("--steps", type=int, default=1000)
@@ -105,9 +113,29 @@ def parse_args(argv=None):
     for name in ("steps", "K", "n_iter", "ddim_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    if args.method == "ca":
+        args.anchors = per_concept(args.anchor, args.concepts, "--anchor")
+        if args.anchor is None:  # CA's objects: an instance goes to its category (grumpy cat -> cat)
+            single = [c for c in args.concepts if len(c.split()) < 2]
+            if single:
+                raise UsageError(f"--method ca needs --anchor: '{single[0]}' is one word, so it has "
+                                 "no category word to default to")
+            args.anchors = [c.split()[-1] for c in args.concepts]
+        if args.negative_guidance:
+            raise UsageError("--negative_guidance is ESD's target; ca's target is the anchor's prediction")
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
+
+
+def per_concept(value, concepts, flag):
+    """A comma-separated flag with one item for every concept, or one per concept (None: None)."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")]
+    if len(items) not in (1, len(concepts)):
+        raise UsageError(f"{flag} has {len(items)} items; give one, or one per --concept ({len(concepts)})")
+    return items * len(concepts) if len(items) == 1 else items
 
 
 def searched(args):
@@ -174,6 +202,13 @@ def frozen(unet, theta):
     return eps_theta
 
 
+def as_module(eps):
+    """A function eps(z, t, c) in the calling convention of a diffusers UNet (for sample.ddim)."""
+    def call(z, t, encoder_hidden_states):
+        return argparse.Namespace(sample=eps(z, t, encoder_hidden_states))
+    return call
+
+
 def flatten(prefix, opt):
     """An optimiser's state as flat tensors (safetensors holds tensors only)."""
     return {f"{prefix}.{i}.{k}": v.detach().cpu().contiguous()
@@ -232,6 +267,7 @@ def main(argv=None, m=None):
     c_e = encode(m, args.concepts)  # (|E|, 77, D)
     c_n = encode(m, [""])  # (1, 77, D)
     c_fixed = encode(m, [args.preserve]) if args.method == "fixed" else None
+    c_anchor = encode(m, args.anchors) if args.method == "ca" else None  # (|E|, 77, D)
     if searched(args):
         words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
         R = search.embed_vocab(m, words, args.cache_dir)
@@ -270,10 +306,14 @@ def main(argv=None, m=None):
             c_a = c_fixed
         # z_t (and z_r, conditioned on this update's c_a): DDIM from the same z_T with the model
         # being trained, guided by start_guidance, `stop` steps; one batched no-grad loop.
+        # CA: z_t on the frozen model's trajectory for the anchor c* (CA samples anchor images).
         with_r = c_a is not None and args.method != "age"  # AGE's L2 uses z_t itself
         conds = torch.cat([c_e_i, c_a]) if with_r else c_e_i
+        sampler = unet
+        if args.method == "ca":
+            conds, sampler = c_anchor[d.i:d.i + 1], as_module(eps_theta)
         with torch.no_grad(), sampling_amp:
-            zs, _ = ddim(unet, m.scheduler, d.z_T.to(device, unet.dtype).expand(len(conds), -1, -1, -1), conds,
+            zs, _ = ddim(sampler, m.scheduler, d.z_T.to(device, unet.dtype).expand(len(conds), -1, -1, -1), conds,
                          c_n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop)
         zs = zs.to(unet.dtype)  # back from bf16 sampling
         z, z_r = zs[:1], (zs[1:] if with_r else zs[:1])
@@ -298,17 +338,20 @@ def main(argv=None, m=None):
         # Frozen: the target's concept (c_n; AGE: c_t = c_a), c_e where negative guidance needs
         # it, and c_a on z_r for L2 (AGE: L2's frozen output is the target's).
         frozen_in = [(z, c_a if args.method == "age" else c_n)]
+        if args.method == "ca":  # CA's target: the anchor's prediction on the same z_t
+            frozen_in = [(z, c_anchor[d.i:d.i + 1])]
         if args.negative_guidance:
             frozen_in.append((z, c_e_i))
         if with_r:
             frozen_in.append((z_r, c_a))
         trained_in = [(z, c_e_i)] + ([(z_r, c_a)] if c_a is not None else [])
         with torch.no_grad():
-            out = eps_theta_of(eps_theta, frozen_in, t).chunk(len(frozen_in))
+            target_model = eps_theta_prime if args.ca_target == "trained" and args.method == "ca" else eps_theta
+            out = eps_theta_of(target_model, frozen_in, t).chunk(len(frozen_in))
         eps_n, eps_e = out[0], (out[1] if args.negative_guidance else None)
         eps_a = out[-1] if with_r else eps_n  # AGE: eps_theta(z_t, c_t); esd: unused
         eps_p = eps_theta_of(eps_theta_prime, trained_in, t).chunk(len(trained_in))
-        # Eq. 3 target (eta_neg = 0) or the published code's negative guidance
+        # Eq. 3 target (eta_neg = 0), the published code's negative guidance, or (ca) the anchor's
         target = erase_target(eps_n, eps_e, args.negative_guidance)
         l1 = L1(sp(eps_p[0], z), sp(target, z))
         l2 = L2(sp(eps_p[1], z_r), sp(eps_a, z_r)) if c_a is not None else torch.zeros((), device=device)
@@ -321,6 +364,8 @@ def main(argv=None, m=None):
 
         rec = dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=d.t_enc,
                    c_e=args.concepts[d.i], c_a=search.drawn(s, drawn, args) if searched(args) else args.preserve)
+        if args.method == "ca":
+            rec["anchor"] = args.anchors[d.i]
         if searched(args) and args.search == "gumbel":
             rec["pi_argmax"] = search.chosen(s, args)
         rec["seconds"] = round(time.perf_counter() - tic, 4)

@@ -106,3 +106,19 @@ def test_the_queried_timestep_and_z_t_noise_level(tiny_sd, t_enc):
         else:
             assert level(z) == (20 * t_enc - 39 if t_enc >= 2 else 0)
             assert t_x0 == 20 * t_enc + 1 and 20 * t_enc <= t < 20 * t_enc + 20
+
+
+@pytest.mark.parametrize("ca_target", ["frozen", "trained"])
+def test_concept_ablation_samples_and_targets_the_anchor(tiny_sd, vocab, tmp_path, ca_target):
+    """CA: z_t on the frozen model's trajectory for the anchor; the target is the anchor's
+    prediction on that z_t (frozen model, or the trained one under no_grad: CA's code)."""
+    calls, rec, m = watched(tiny_sd, vocab, tmp_path, "--method", "ca", "--ca_target", ca_target,
+                            "--seed", "3")
+    c_n, c_e, c_anc = (encode(m, [p])[0] for p in ("", "garbage truck", "truck"))
+    assert rec["anchor"] == "truck"  # the default: the category word
+    *sampling, target, trained = calls
+    assert len(sampling) == rec["t_enc"] and rec["t_enc"] > 0
+    for frozen, cs, grad in sampling:  # guidance: [c_n, c_anchor], frozen weights, no gradient
+        assert frozen and not grad and torch.equal(cs[0], c_n) and torch.equal(cs[1], c_anc)
+    assert target[0] == (ca_target == "frozen") and not target[2] and torch.equal(target[1][0], c_anc)
+    assert not trained[0] and trained[2] and torch.equal(trained[1][0], c_e)
