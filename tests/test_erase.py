@@ -37,7 +37,8 @@ def run(tiny_sd, vocab, out, *extra):
 @pytest.mark.parametrize("method,extra", [("eap", []), ("esd", []), ("fixed", ["--preserve", "road"]),
                                           ("fixed", ["--preserve", ""]), ("age", ["--tau", "0.1"]),
                                           ("eap", ["--search", "pgd"]),
-                                          ("eap", ["--select", "kmeans", "--k_closest", "8", "--soft"])])
+                                          ("eap", ["--select", "kmeans", "--k_closest", "8", "--soft"]),
+                                          ("ca", []), ("ca", ["--anchor", "car", "--ca_target", "trained"])])
 def test_each_method_trains_exactly_the_chosen_parameters(tiny_sd, vocab, tmp_path, method, extra):
     path = run(tiny_sd, vocab, tmp_path, "--method", method, *extra)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "log.jsonl", "weights.safetensors"]
@@ -47,8 +48,13 @@ def test_each_method_trains_exactly_the_chosen_parameters(tiny_sd, vocab, tmp_pa
     assert any(not torch.equal(saved[n], original[n]) for n in saved)
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 1, 2] and all(r["c_e"] == "garbage truck" for r in log)
-    if method == "esd":
+    if method in ("esd", "ca"):
         assert all(r["l2"] == 0 and r["c_a"] is None for r in log)
+        if method == "ca":
+            anchor = extra[1] if extra else "truck"
+            assert all(r["anchor"] == anchor for r in log)
+            config = json.load(open(tmp_path / "config.json"))
+            assert config["anchors"] == [anchor] and config["ca_target"] == (extra[-1] if extra else "frozen")
     elif method == "fixed":
         assert all(r["c_a"] == extra[1] for r in log)
     else:
@@ -166,7 +172,10 @@ def test_the_ascent_moves_pi(tiny_sd, vocab, tmp_path, optim, monkeypatch):
     (["--concept", ""], "empty"),
     (["--concept", "church, , parachute"], "empty"),
     (["--model", "/no/such/folder"], "does not exist"),
-    (["--method", "uce"], "invalid choice"),
+    (["--method", "ablate"], "invalid choice"),
+    (["--method", "ca", "--concept", "church"], "needs --anchor: 'church' is one word"),
+    (["--method", "ca", "--anchor", "a, b"], "--anchor has 2 items"),
+    (["--method", "ca", "--negative_guidance", "1"], "ESD's target"),
     (["--train_method", "attn"], "invalid choice"),
     (["--K", "50"], "larger than the vocabulary"),
     (["--method", "fixed"], "needs --preserve"),
