@@ -99,10 +99,12 @@ def ddim(unet, scheduler, z, c, c_uncond, guidance, steps, stop=None, progress=F
     abar = scheduler.alphas_cumprod.to(z.device)
     ts = scheduler.timesteps.tolist()
     stop = len(ts) if stop is None else stop
+    dtype = getattr(unet, "dtype", z.dtype)  # a UNet cast to fp16 (--precision) gets fp16 inputs;
+    cond = torch.cat([c_uncond, c]).to(dtype)  # z and the update below stay in z's precision
     for t in tqdm(ts[:stop], desc="DDIM", leave=False, disable=not progress):
         # classifier-free guidance, one batched forward: eps = eps(c_u) + g (eps(c) - eps(c_u))
-        eps_u, eps_c = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([c_uncond, c])
-                            ).sample.chunk(2)
+        eps_u, eps_c = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=cond
+                            ).sample.to(z.dtype).chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
         t_prev = t - scheduler.config.num_train_timesteps // steps
         a_t = abar[t]
@@ -124,20 +126,33 @@ def noise(m, n, seed, device):
 @torch.no_grad()
 def decode(m, z):
     """z_0 -> images in [0, 1], (B, 3, H, W). A pixel-space model (no VAE) samples images directly."""
-    x = z if m.vae is None else m.vae.decode(z / m.vae.config.scaling_factor).sample
-    return (x / 2 + 0.5).clamp(0, 1)
+    x = z if m.vae is None else m.vae.decode((z / m.vae.config.scaling_factor).to(m.vae.dtype)).sample
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def set_precision(m, precision):
+    """Generation's precision: the UNet and the VAE cast once (no autocast re-casting the weights
+    at every step); the text encoder, run once per batch, and the sampler's z stay fp32."""
+    for net in (m.unet, m.vae):
+        if net is not None:
+            net.to(PRECISIONS[precision])
 
 
 @torch.no_grad()
-def generate(m, prompts, seeds, guidance=7.5, steps=100, batch=8, progress=True):
-    """One image per (prompt, seed) pair, as uint8 arrays (H, W, 3)."""
+def generate(m, prompts, seeds, guidance=7.5, steps=100, batch=8, progress=True, c_uncond=None):
+    """One image per (prompt, seed) pair, as uint8 arrays (H, W, 3). The text encoder runs once
+    per batch, on the batch's distinct prompts; c_uncond (the "" embedding) may be passed in."""
     device = m.unet.device
-    c_uncond = encode(m, [""])
+    c_uncond = encode(m, [""]) if c_uncond is None else c_uncond
     out = []
     pairs = list(zip(prompts, seeds))
     for i in tqdm(range(0, len(pairs), batch), desc="sampling", disable=not progress):
         chunk = pairs[i:i + batch]
-        c = encode(m, [p for p, _ in chunk])
+        distinct = list(dict.fromkeys(p for p, _ in chunk))
+        c = encode(m, distinct)[[distinct.index(p) for p, _ in chunk]]
         z = torch.cat([noise(m, 1, s, device) for _, s in chunk])
         z, _ = ddim(m.unet, m.scheduler, z, c, c_uncond.expand_as(c), guidance, steps)
         x = rearrange(decode(m, z).float().cpu(), "b c h w -> b h w c")
@@ -186,8 +201,15 @@ def parse_args(argv=None):
     p.add_argument("--csv", help="prompt file (columns prompt, seed; optional guidance): one "
                                  "PNG per row into --out_dir (Section 5's settings by default)")
     p.add_argument("--out_dir", help="with --csv: folder of {row:05d}.png and prompts.csv")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="images per forward (CUDA 16, CPU 8)")
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="UNet and VAE precision (default: fp16 on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.batch = args.batch or (16 if cuda else 8)
+    args.precision = args.precision or ("fp16" if cuda else "fp32")
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
     if args.csv and not args.out_dir:
         raise UsageError("--csv needs --out_dir")
     return args
@@ -205,6 +227,7 @@ def generate_csv(m, args, rows):
     todo = [i for i in range(rank, len(rows), world)
             if not os.path.exists(os.path.join(args.out_dir, f"{i:05d}.png"))]
     steps = args.steps or 100
+    c_uncond = encode(m, [""])
     for j in tqdm(range(0, len(todo), args.batch), desc=f"rank {rank}: {len(todo)} images"):
         chunk = todo[j:j + args.batch]
         by_guidance = {}
@@ -212,7 +235,7 @@ def generate_csv(m, args, rows):
             by_guidance.setdefault(float(rows[i].get("guidance") or args.guidance), []).append(i)
         for g, idx in by_guidance.items():
             imgs = generate(m, [rows[i]["prompt"] for i in idx], [int(rows[i]["seed"]) for i in idx],
-                            g, steps, batch=len(idx), progress=False)
+                            g, steps, batch=len(idx), progress=False, c_uncond=c_uncond)
             for i, x in zip(idx, imgs):
                 path = os.path.join(args.out_dir, f"{i:05d}.png")
                 Image.fromarray(x).save(path + ".tmp.png")
@@ -229,6 +252,7 @@ def main(argv=None):
         m = load_model(args.model, args.device)
         if args.weights:
             load_weights(m.unet, args.weights)
+        set_precision(m, args.precision)
         return generate_csv(m, args, rows)
     args.steps = args.steps or 50
     prompts = [p.strip() for p in args.prompts.split(",")]
@@ -238,9 +262,10 @@ def main(argv=None):
     if args.weights and not (os.path.isfile(args.weights) and args.weights.endswith(".safetensors")):
         raise UsageError(f"weights {args.weights} is not a .safetensors file")
     pairs = [(p, s) for p in prompts for s in args.seeds]
+    set_precision(m, args.precision)
 
     def panel(title):
-        imgs = generate(m, [p for p, _ in pairs], [s for _, s in pairs], args.guidance, args.steps)
+        imgs = generate(m, [p for p, _ in pairs], [s for _, s in pairs], args.guidance, args.steps, args.batch)
         n = len(args.seeds)
         return grid([imgs[i:i + n] for i in range(0, len(imgs), n)], prompts, title)
 
