@@ -37,7 +37,7 @@ def clip_tokenizer():
     spec = importlib.util.find_spec("open_clip")  # locate the file without importing open_clip
     if spec is None:
         raise RuntimeError("the CLIP merges file comes with open_clip_torch: "
-                           "pip install --no-deps open_clip_torch")
+                           "pip install -r requirements.txt")
     path = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]

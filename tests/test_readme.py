@@ -77,3 +77,35 @@ def test_bench_commands(tmp_path):
                             "--size", "tiny", "--updates", "1", "--ddim_steps", "3",
                             "--json", str(tmp_path / "b.json")], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-1000:]
+
+
+def test_setup_is_two_commands_and_requirements_cover_every_import():
+    """README's set-up is `pip install -r requirements.txt` and the test command, .ci/run does
+    the same, and requirements.txt names the distribution of every third-party module that a
+    script or a test imports (open_clip: offline.py finds the tokenizer's merges in its wheel)."""
+    import ast
+    import importlib.metadata
+    import re
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("## Tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert block.strip().splitlines() == ["pip install -r requirements.txt", "python -m pytest -q"]
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "pip install -q -r requirements.txt" in ci and "python -m pytest -q" in ci
+    files = [f for f in os.listdir(ROOT) if f.endswith(".py")]
+    files += [os.path.join("tests", f) for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")]
+    ours = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")} | {"tests", "conftest"}
+    modules = set()
+    for f in files:
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, f)).read())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                modules.add(node.module.split(".")[0])
+    modules -= set(sys.stdlib_module_names) | ours
+    modules.add("open_clip")  # found with importlib, not imported
+    norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731
+    listed = {norm(re.split(r"[<>=!~\[; ]", line.strip())[0])
+              for line in open(os.path.join(ROOT, "requirements.txt")) if line.strip() and not line.startswith("#")}
+    dists = importlib.metadata.packages_distributions()
+    missing = {m: dists.get(m) for m in modules if not {norm(d) for d in dists.get(m, [m])} & listed}
+    assert not missing, missing
