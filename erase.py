@@ -98,6 +98,8 @@ def parse_args(argv=None):
                    help="bf16: the no-grad DDIM sampling of z_t and z_r under bf16 autocast; the "
                         "loss forwards stay fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--grad_checkpointing", action="store_true", help="less memory, more time")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; the first "
+                   "updates compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=default_device())
     p.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "eap"))
@@ -113,6 +115,8 @@ def parse_args(argv=None):
     for name in ("steps", "K", "n_iter", "ddim_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    if not 0 <= args.gumbel_topk <= args.K:
+        raise UsageError(f"--gumbel_topk must be between 0 and --K ({args.K})")
     if args.method == "ca":
         args.anchors = per_concept(args.anchor, args.concepts, "--anchor")
         if args.anchor is None:  # CA's objects: an instance goes to its category (grumpy cat -> cat)
@@ -202,6 +206,18 @@ def frozen(unet, theta):
     return eps_theta
 
 
+def matmul_parameters(unet):
+    """Names of the Linear and Conv weights and biases: the parameters that autocast casts to
+    bf16 at every call (norms run in fp32 under autocast and keep their fp32 parameters)."""
+    return [f"{name}.{pn}" if name else pn for name, mod in unet.named_modules()
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) for pn, _ in mod.named_parameters(recurse=False)]
+
+
+def low_precision(unet, values, dtype=torch.bfloat16):
+    """{name: value cast to dtype} for the matmul parameters among `values` (name -> tensor)."""
+    return {n: values[n].detach().to(dtype) for n in matmul_parameters(unet) if n in values}
+
+
 def as_module(eps):
     """A function eps(z, t, c) in the calling convention of a diffusers UNet (for sample.ddim)."""
     def call(z, t, encoder_hidden_states):
@@ -245,7 +261,8 @@ def main(argv=None, m=None):
     # Precision: L2 is the difference of two nearly equal UNet outputs, which bf16 rounding
     # swamps, so every forward that a loss or a gradient sees runs in fp32; only the no-grad
     # DDIM sampling of z_t and z_r may run under bf16 autocast (README: the measured effect).
-    sampling_amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16")
+    bf16 = args.precision == "bf16"
+    sampling_amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
 
     # theta' = the trained subset of the UNet; theta = a copy of its original values only. The
     # frozen eps_theta is the same UNet with theta swapped in: no second UNet in memory.
@@ -257,6 +274,15 @@ def main(argv=None, m=None):
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in training mode; SD's UNet has no dropout
+    # Autocast caches the bf16 cast of a parameter that requires grad for the length of its
+    # context, but casts every frozen one again at every call: the frozen parameters' bf16
+    # copies are made here, once (theta': once per update; theta, for CA's sampler: once).
+    # Autocast sees bf16 weights and casts nothing: the same arithmetic, bit for bit.
+    if bf16:
+        fixed_low = low_precision(unet, {n: p for n, p in unet.named_parameters() if n not in names})
+        theta_low = low_precision(unet, theta)
+    if args.compile:
+        unet.compile(dynamic=False)  # in place: parameter names unchanged for functional_call
 
     eps_theta = frozen(unet, theta)  # the original model
 
@@ -309,9 +335,15 @@ def main(argv=None, m=None):
         # CA: z_t on the frozen model's trajectory for the anchor c* (CA samples anchor images).
         with_r = c_a is not None and args.method != "age"  # AGE's L2 uses z_t itself
         conds = torch.cat([c_e_i, c_a]) if with_r else c_e_i
-        sampler = unet
+        values = dict(theta) if args.method == "ca" else {}  # the sampler's parameter values
+        if bf16:
+            values |= fixed_low
+            values |= theta_low if args.method == "ca" else low_precision(unet, theta_prime)
+        sampler = as_module(frozen(unet, values)) if values else unet
         if args.method == "ca":
-            conds, sampler = c_anchor[d.i:d.i + 1], as_module(eps_theta)
+            conds = c_anchor[d.i:d.i + 1]
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad(), sampling_amp:
             zs, _ = ddim(sampler, m.scheduler, d.z_T.to(device, unet.dtype).expand(len(conds), -1, -1, -1), conds,
                          c_n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop)
@@ -369,6 +401,8 @@ def main(argv=None, m=None):
         if searched(args) and args.search == "gumbel":
             rec["pi_argmax"] = search.chosen(s, args)
         rec["seconds"] = round(time.perf_counter() - tic, 4)
+        if device.startswith("cuda"):  # the update's peak, sampling included
+            rec["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
         log.write(json.dumps(rec) + "\n")
         bar.set_postfix(l1=f"{rec['l1']:.4f}", l2=f"{rec['l2']:.4f}", c_a=rec["c_a"])
         if args.save_every and (k + 1) % args.save_every == 0 and k + 1 < args.steps:

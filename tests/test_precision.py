@@ -107,3 +107,32 @@ def test_gradient_checkpointing_saves_activation_memory(tiny_sd):
     unet.enable_gradient_checkpointing()
     unet.train()
     assert saved_bytes() < 0.6 * plain
+
+
+def test_bf16_copies_made_once_sample_what_autocast_samples(tmp_path, monkeypatch):
+    """The bf16 copies of the frozen matmul weights (made once) and of theta' (once per update)
+    give the bits that autocast's own casts give, update after update; for CA's frozen sampler too."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for method in ("eap", "ca"):
+        runs = []
+        for copies in (True, False):
+            if not copies:  # no copies: the sampler is the UNet itself, autocast casts every call
+                monkeypatch.setattr(erase, "low_precision", lambda unet, values, dtype=None: {})
+            out = tmp_path / f"{method}{copies}"
+            erase.main(["--model", "toy", "--concept", "red circle", "--vocab", "toy/vocab.txt", "--K", "16",
+                        "--method", method, "--steps", "4", "--ddim_steps", "10", "--lr", "1e-3", "--seed", "1",
+                        "--device", "cpu", "--precision", "bf16", "--cache_dir", str(tmp_path / "cache"),
+                        "--out", str(out)])
+            runs.append([json.loads(line) for line in open(out / "log.jsonl")])
+            monkeypatch.undo()
+            monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert [r["t_enc"] for r in runs[0]] != [0] * 4
+        assert [(r["l1"], r["l2"]) for r in runs[0]] == [(r["l1"], r["l2"]) for r in runs[1]]
+
+
+def test_matmul_parameters_are_the_linear_and_conv_ones():
+    unet = load_model("toy", vae=False).unet
+    names = set(erase.matmul_parameters(unet))
+    assert "conv_in.weight" in names and any(n.endswith("attn2.to_k.weight") for n in names)
+    assert not any("norm" in n for n in names)  # norms run in fp32 under autocast
+    assert len(names) < len(list(unet.parameters()))
