@@ -14,6 +14,10 @@ t_enc. UNet image-forwards are counted by a hook (a batch of b counts b).
     python bench.py --device cuda --json bench.json          # SD-1.4 size, 64x64 latents
     python bench.py --device cpu --json bench-cpu.json       # reduced: 8x8 latents, 4 DDIM steps
 
+It also reports the time of 1000 updates (the mean update, extrapolated) and the evaluation's
+generation throughput: sample.generate with SD-1.4's UNet and VAE (random weights), 100 DDIM
+steps, guidance 7.5, at sample.py's defaults (CUDA: fp16, batch 16; CPU: reduced sizes).
+
 Each variant runs in a child process, so that its peak memory is its own.
 """
 import argparse
@@ -24,12 +28,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
 import erase
-import offline
 import literal
+import offline
+import sample
 
 
 def parse_args(argv=None):
@@ -44,24 +50,29 @@ def parse_args(argv=None):
                    help="tiny: offline.py's tiny UNet, a smoke test of this script")
     p.add_argument("--n_iter", type=int, default=2)
     p.add_argument("--train_method", default="xattn")
+    p.add_argument("--gen_images", type=int, default=None, help="images timed after a warm-up batch (GPU 64, CPU 2)")
+    p.add_argument("--gen_steps", type=int, default=None, help="DDIM steps of generation (GPU 100, CPU 3)")
     p.add_argument("--json", help="write the figures here")
-    p.add_argument("--child", help=argparse.SUPPRESS)  # ours|baseline, run in a child process
+    p.add_argument("--child", help=argparse.SUPPRESS)  # ours|baseline|fast|generate, in a child process
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     a.updates = a.updates or (20 if gpu else 1)
     a.latent = a.latent or (64 if gpu else 8)
     a.ddim_steps = a.ddim_steps or (50 if gpu else 4)
+    a.gen_images = a.gen_images or (64 if gpu else 2)
+    a.gen_steps = a.gen_steps or (100 if gpu else 3)
     return a
 
 
-def build(a):
-    """Random SD-1.4 UNet and text encoder (no VAE: training never decodes)."""
+def build(a, vae=False):
+    """Random SD-1.4 UNet and text encoder, and the VAE where asked (training never decodes)."""
     unet_cfg, text_cfg, vae_cfg = offline.sd14_configs() if a.size == "sd14" else offline.tiny_configs()
     unet_cfg = dict(unet_cfg, sample_size=a.latent)
-    tok, text_encoder, unet, _, scheduler = offline.build((unet_cfg, text_cfg, vae_cfg), vae=False)
-    for mod in (unet, text_encoder):
-        mod.requires_grad_(False).eval().to(a.device)
-    return argparse.Namespace(tokenizer=tok, text_encoder=text_encoder, unet=unet, vae=None,
+    tok, text_encoder, unet, vae, scheduler = offline.build((unet_cfg, text_cfg, vae_cfg), vae=vae)
+    for mod in (unet, text_encoder, vae):
+        if mod is not None:
+            mod.requires_grad_(False).eval().to(a.device)
+    return argparse.Namespace(tokenizer=tok, text_encoder=text_encoder, unet=unet, vae=vae,
                               scheduler=scheduler, name="random-sd14")
 
 
@@ -88,8 +99,9 @@ def run_ours(a, m, workdir, ddim_steps):
     argv = ours_argv(a, workdir, ddim_steps)
     erase.main(argv, m=m)
     log = [json.loads(line) for line in open(os.path.join(argv[argv.index("--out") + 1], "log.jsonl"))]
-    return dict(forwards=n[0], seconds=statistics.median(r["seconds"] for r in log[1:]),
-                t_enc=[r["t_enc"] for r in log])  # the first update is a warm-up, not timed
+    timed = [r["seconds"] for r in log[1:]]  # the first update is a warm-up, not timed
+    return dict(forwards=n[0], seconds=statistics.median(timed), mean_seconds=statistics.mean(timed),
+                t_enc=[r["t_enc"] for r in log])
 
 
 def run_baseline(a, m, unet_orig, workdir):
@@ -100,20 +112,43 @@ def run_baseline(a, m, unet_orig, workdir):
     n2 = count_forwards(unet_orig)
     args = erase.parse_args(ours_argv(a, workdir, a.ddim_steps))
     records, _ = literal.erase_literally(m, unet_orig, args, resample=True)
-    return dict(forwards=n[0] + n2[0], seconds=statistics.median(r["seconds"] for r in records[1:]),
+    timed = [r["seconds"] for r in records[1:]]
+    return dict(forwards=n[0] + n2[0], seconds=statistics.median(timed), mean_seconds=statistics.mean(timed),
                 t_encs=[r["t_encs"] for r in records])
+
+
+def run_generation(a):
+    """Images per second of sample.generate at sample.py's defaults, after one warm-up batch."""
+    m = build(a, vae=True)
+    cuda = a.device.startswith("cuda")
+    batch, precision = (16, "fp16") if cuda else (2, "fp32")
+    sample.set_precision(m, precision)
+    prompts = ["a photo of a garbage truck", "a church"] * (a.gen_images // 2 + batch)
+    sample.generate(m, prompts[:batch], range(batch), 7.5, a.gen_steps, batch, progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    sample.generate(m, prompts[:a.gen_images], range(a.gen_images), 7.5, a.gen_steps, batch, progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - tic
+    return dict(images_per_second=a.gen_images / seconds, batch=batch, precision=precision,
+                pixels=a.latent * 8 if m.vae is not None else a.latent)
 
 
 def child(a):
     """One variant in this process: its figures as JSON on stdout's last line."""
-    m = build(a)
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as d:
-        if a.child == "baseline":
-            r = run_baseline(a, m, build(a).unet, d)  # the second copy
-        else:
-            r = run_ours(a, m, d, a.ddim_steps if a.child == "ours" else a.fast_ddim_steps)
+    if a.child == "generate":
+        r = run_generation(a)
+    else:
+        m = build(a)
+        with tempfile.TemporaryDirectory() as d:
+            if a.child == "baseline":
+                r = run_baseline(a, m, build(a).unet, d)  # the second copy
+            else:
+                r = run_ours(a, m, d, a.ddim_steps if a.child == "ours" else a.fast_ddim_steps)
         r["forwards_per_update"] = r.pop("forwards") / (a.updates + 1)
     gpu = a.device.startswith("cuda")
     r["peak_memory_bytes"] = (torch.cuda.max_memory_allocated() if gpu
@@ -137,6 +172,7 @@ def main(argv=None):
     ours = spawn(a, argv, "ours")
     base = spawn(a, argv, "baseline")  # the same seed: the same draws at each update's start
     fast = spawn(a, argv, "fast") if a.fast_ddim_steps else None
+    gen = spawn(a, argv, "generate")
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     res = dict(device=name, size=a.size, latent=a.latent, ddim_steps=a.ddim_steps, n_iter=a.n_iter,
                updates=a.updates, train_method=a.train_method, t_enc=ours["t_enc"], t_encs_baseline=base["t_encs"],
@@ -144,10 +180,14 @@ def main(argv=None):
                forwards_per_update_baseline=base["forwards_per_update"],
                seconds_per_update_ours=ours["seconds"], seconds_per_update_baseline=base["seconds"],
                peak_memory_bytes_ours=ours["peak_memory_bytes"],
-               peak_memory_bytes_baseline=base["peak_memory_bytes"])
+               peak_memory_bytes_baseline=base["peak_memory_bytes"],
+               minutes_per_1000_updates_ours=1000 * ours["mean_seconds"] / 60,
+               minutes_per_1000_updates_baseline=1000 * base["mean_seconds"] / 60,
+               generation=dict(gen, steps=a.gen_steps, guidance=7.5, images=a.gen_images))
     rows = [("UNet image-forwards / update", "forwards_per_update", "{:.1f}"),
             ("seconds / update", "seconds_per_update", "{:.3f}"),
-            ("peak memory (GiB)", "peak_memory_bytes", "{:.2f}")]
+            ("peak memory (GiB)", "peak_memory_bytes", "{:.2f}"),
+            ("1000 updates (minutes, mean)", "minutes_per_1000_updates", "{:.1f}")]
     print(f"device: {name}   {a.size}   latent {a.latent}x{a.latent}   ddim_steps {a.ddim_steps}   "
           f"N_iter {a.n_iter}   {a.train_method}   t_enc {ours['t_enc']}")
     print(f"{'':32s}{'ours':>12s}{'baseline':>12s}{'ratio':>10s}")
@@ -160,6 +200,8 @@ def main(argv=None):
                    forwards_per_update_ours_fast=fast["forwards_per_update"])
         print(f"ours with --ddim_steps {a.fast_ddim_steps}: {fast['forwards_per_update']:.1f} "
               f"forwards, {fast['seconds']:.3f} s / update")
+    print(f"generation: {gen['images_per_second']:.3f} images / s ({gen['pixels']} px, {a.gen_steps} DDIM "
+          f"steps, guidance 7.5, {gen['precision']}, batch {gen['batch']}, {a.gen_images} images timed)")
     if a.json:
         json.dump(res, open(a.json, "w"), indent=1)
     return res

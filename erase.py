@@ -34,8 +34,9 @@ from torch.func import functional_call
 from tqdm import trange
 
 import search
-from losses import L1, L2, erase_target, in_space, total
+import uce
 from cli import UsageError, default_device, one_line_errors, run_cli
+from losses import L1, L2, erase_target, in_space, total
 from sample import SD14, ddim, encode, load_model
 
 RESUME = "resume.state"  # safetensors format; a different suffix keeps one *.safetensors in --out
@@ -79,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--soft", dest="hard", action="store_false", help="soft Gumbel-Softmax")
     p.add_argument("--gumbel_topk", type=int, default=0,
                    help="AGE's published code: keep the N largest Gumbel-Softmax weights, "
-                        "renormalised (0: all)")
+                        "renormalised (0: all); soft only, hard ignores it as AGE's code does")
     p.add_argument("--search", default="gumbel", choices=["gumbel", "pgd"])
     p.add_argument("--vocab", default="default",
                    help="FILE (one concept a line), clip, imagenet, default")
@@ -254,6 +255,8 @@ def main(argv=None, m=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device here")
     m = m or load_model(args.model, device, vae=False)  # training never decodes
+    if args.method == "uce":
+        return closed_form(args, m)
     unet = m.unet
     if device == "cpu" and sum(p.numel() for p in unet.parameters()) > 1e8:
         warnings.warn("running a full-size UNet on the CPU: impractically slow (about a minute "
@@ -322,6 +325,7 @@ def main(argv=None, m=None):
         d = draws(gen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
         c_e_i = c_e[d.i:d.i + 1]  # c_e ~ E
         stop, t, t_x0 = when(args, ts, d)
+        t = torch.tensor(t, device=device)  # a tensor, as the UNet makes it: compile sees no new constant
         ab = abar[t_x0]
         # c_a of this update: one draw of G(pi) R (Algorithm 1), a fixed concept, or none (esd)
         if searched(args):
@@ -415,6 +419,26 @@ def main(argv=None, m=None):
     if os.path.exists(os.path.join(args.out, RESUME)):
         os.remove(os.path.join(args.out, RESUME))
     print(json.dumps({"wrote": weights, "parameters": sum(p.numel() for p in theta_prime.values())}))
+    return weights
+
+
+UCE_SETTINGS = ("model", "concept", "concepts", "method", "guide", "preserve", "uce_lambda",
+                "erase_scale", "preserve_scale", "device")
+
+
+def closed_form(args, m):
+    """UCE: no loop. The edited attn2 to_k / to_v weights, config.json (UCE's settings, its
+    defaults resolved) and log.jsonl (one line), as the trained methods write them."""
+    edited, info = uce.run(m, args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({k: getattr(args, k) for k in UCE_SETTINGS}, f, indent=1)
+    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+        f.write(json.dumps(info) + "\n")
+    weights = os.path.join(args.out, "weights.safetensors")
+    save_atomic({n: w.cpu().contiguous() for n, w in edited.items()}, weights,
+                metadata={"model": str(args.model), "method": "uce", "concept": args.concept})
+    print(json.dumps({"wrote": weights, "parameters": sum(w.numel() for w in edited.values())}))
     return weights
 
 

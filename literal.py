@@ -123,6 +123,10 @@ def erase_literally(m, unet_orig, args, resample=False):
                         y = ((pi + d.g.to(device)) / args.tau).softmax(-1)
                         if args.hard:
                             y = F.one_hot(y.argmax(-1), args.K).to(y.dtype) - y.detach() + y
+                        elif args.gumbel_topk:  # AGE, soft: the weights >= the k-th largest, renormalised
+                            kth = y.sort(descending=True).values[args.gumbel_topk - 1]
+                            y = torch.where(y >= kth, y, 0.0)
+                            y = y / y.sum()  # y_i 1[y_i >= kth] / sum_j y_j 1[y_j >= kth]
                         y_draw = y.detach()
                         c_a = einsum(y_draw, R_K, "k, k l d -> l d")[None]
                         word = s["words"][int(y_draw.argmax())]
@@ -143,6 +147,10 @@ def erase_literally(m, unet_orig, args, resample=False):
                     y = ((pi + d.g.to(device)) / args.tau).softmax(-1)
                     if args.hard:
                         y = F.one_hot(y.argmax(-1), args.K).to(y.dtype) - y.detach() + y
+                    elif args.gumbel_topk:  # AGE, soft: the weights >= the k-th largest, renormalised
+                        kth = y.sort(descending=True).values[args.gumbel_topk - 1]
+                        y = torch.where(y >= kth, y, 0.0)
+                        y = y / y.sum()  # y_i 1[y_i >= kth] / sum_j y_j 1[y_j >= kth]
                     c = einsum(y_draw + y - y.detach(), R_K, "k, k l d -> l d")[None]
                 e_prime = unet(z_r, t, encoder_hidden_states=c).sample
                 if args.pi_grad == "both":

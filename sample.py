@@ -103,7 +103,8 @@ def ddim(unet, scheduler, z, c, c_uncond, guidance, steps, stop=None, progress=F
     cond = torch.cat([c_uncond, c]).to(dtype)  # z and the update below stay in z's precision
     for t in tqdm(ts[:stop], desc="DDIM", leave=False, disable=not progress):
         # classifier-free guidance, one batched forward: eps = eps(c_u) + g (eps(c) - eps(c_u))
-        eps_u, eps_c = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=cond
+        # t as a tensor (the UNet makes one of an int): torch.compile sees no new constant per step
+        eps_u, eps_c = unet(torch.cat([z, z]).to(dtype), torch.tensor(t, device=z.device), encoder_hidden_states=cond
                             ).sample.to(z.dtype).chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
         t_prev = t - scheduler.config.num_train_timesteps // steps

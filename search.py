@@ -9,6 +9,9 @@ Section 4 and Appendix B.1. For each erased concept c_e:
   the word nearest each of K centroids);
 - logits pi (K,), uniform at the start; c_a = G(pi) R with G the Gumbel-Softmax of
   temperature tau, hard (one-hot forward, straight-through gradient) or soft;
+  `--gumbel_topk k` (AGE's published code, train_age.py's gumbel_softmax): soft G keeps its k
+  largest weights, renormalised to sum 1, so pi's gradient reaches those k logits only; hard G
+  ignores it (AGE's hard branch never reads k: its objects command's top-k 2 changes nothing);
 - one draw of c_a per model update (`draw`): it conditions z_r and is the c_a of every L2 of
   that update; N_iter ascent steps pi <- pi + eta grad_pi L2 at the draw's value, the gradient
   taken at the current pi (`concept`, `ascend`; erase.py supplies L2).
@@ -17,7 +20,16 @@ Section 4 and Appendix B.1. For each erased concept c_e:
 The vocabularies: a file (one concept per line); "clip", the tokenizer's own vocabulary
 filtered to whole lowercase a-z words (Table 7); "default", the 3,000 most frequent English
 words from wordfreq, alphabetic only (2,937 words): an openly licensed stand-in, installed with
-pip and offline, for the Oxford 3000 list the paper uses (a publisher's list, not shipped here).
+pip and offline, for the Oxford 3000 list the paper uses (a publisher's list, not shipped here);
+"imagenet", AGE's object vocabulary: the 1,000 ImageNet class names that torchvision's
+ResNet-50 weights carry (no download), as they are: case kept ("Cardigan" the corgi and
+"cardigan" the sweater are two classes), all 1,000 distinct, "tench" first. AGE's code
+(`--vocab Imagenet`) prompts with each class's whole WordNet string instead ("tench, Tinca
+tinca": synonyms and Latin name; 999 distinct, "crane" twice); torchvision's names are in
+essence the first synonym of each, as AGE's ConceptDict "imagenet" list (split(",")[0]) has them,
+but with the two cranes and the two maillots told apart ("crane bird", "maillot tank suit").
+In every vocabulary the erased concepts are dropped, compared without case, unless --keep_erased
+(AGE's code keeps them).
 """
 import hashlib
 import os
@@ -43,6 +55,9 @@ def load_vocab(spec, tokenizer, erased=(), keep_erased=False):
     if spec == "default":
         from wordfreq import top_n_list
         words = [w for w in top_n_list("en", 3000) if w.isalpha() and w.isascii()]
+    elif spec == "imagenet":  # AGE's objects: ImageNet's 1,000 class names, as torchvision has them
+        from torchvision.models import ResNet50_Weights
+        words = list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
     elif spec == "clip":  # whole words: lowercase a-z with the end-of-word mark (not 'A'..'Z')
         words = sorted(t[:-4] for t in tokenizer.get_vocab()
                        if t.endswith("</w>") and is_lower_word(t[:-4]))
@@ -140,19 +155,25 @@ def gumbel_noise(shape, generator):
     return -torch.log(-torch.log(u))
 
 
-def G(pi, g, tau, hard):
+def G(pi, g, tau, hard, topk=0):
     """Gumbel-Softmax with the noise g given: y = softmax((pi + g) / tau). Hard: the forward
-    value is one_hot(argmax y), the gradient that of the soft y (straight-through)."""
+    value is one_hot(argmax y), the gradient that of the soft y (straight-through); topk is
+    ignored, as in AGE's code. Soft with topk = k > 0 (AGE's code): y's k largest weights,
+    renormalised to sum 1, the others 0; its gradient is that of this renormalised y, i.e. of a
+    softmax over the k kept logits alone: zero for the other K - k."""
     y = ((pi + g.to(pi.device)) / tau).softmax(-1)
-    if not hard:
-        return y
-    y_hard = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
-    return y_hard - y.detach() + y
+    if hard:
+        y_hard = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
+        return y_hard - y.detach() + y
+    if topk:
+        keep = y >= y.topk(topk).values[-1]  # the k largest (a tie with the k-th kept too, as published)
+        y = y * keep / (y * keep).sum(-1)  # AGE: y_i 1[i kept] / sum_j y_j 1[j kept], sums to 1
+    return y
 
 
-def gumbel_softmax(pi, tau, hard, generator):
+def gumbel_softmax(pi, tau, hard, generator, topk=0):
     """G(pi) with fresh Gumbel noise."""
-    return G(pi, gumbel_noise(pi.shape, generator), tau, hard)
+    return G(pi, gumbel_noise(pi.shape, generator), tau, hard, topk)
 
 
 def mix(y, R_K):
@@ -183,7 +204,7 @@ def draw(s, args, g):
     and is the c_a of every L2 of the update, the N_iter ascent steps' and the model step's."""
     if args.search == "pgd":
         return dict(g=None, y=None, c_a=s["x"].detach().clone())
-    y = G(s["x"], g, args.tau, args.hard).detach()
+    y = G(s["x"], g, args.tau, args.hard, args.gumbel_topk).detach()
     return dict(g=g, y=y, c_a=mix(y, s["R_K"]))
 
 
@@ -194,7 +215,7 @@ def concept(s, d, args):
     if args.search == "pgd":
         x = s["x"]
         return d["c_a"] + x - x.detach()
-    y = G(s["x"], d["g"], args.tau, args.hard)
+    y = G(s["x"], d["g"], args.tau, args.hard, args.gumbel_topk)
     return mix(d["y"] + y - y.detach(), s["R_K"])
 
 

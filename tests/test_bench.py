@@ -16,8 +16,10 @@ def test_bench_smoke_counts_forwards(tmp_path):
     r = json.load(open(out))
     for key in ("device", "forwards_per_update_ours", "forwards_per_update_baseline",
                 "seconds_per_update_ours", "seconds_per_update_baseline",
-                "peak_memory_bytes_ours", "peak_memory_bytes_baseline"):
+                "peak_memory_bytes_ours", "peak_memory_bytes_baseline",
+                "minutes_per_1000_updates_ours", "minutes_per_1000_updates_baseline"):
         assert key in r
+    assert r["generation"]["images_per_second"] > 0 and r["generation"]["steps"] == 3
     # per update, t_enc DDIM steps with guidance: ours samples z and z_r once (4 t_enc), runs
     # 2 forwards per search step and 4 in the model step (Eq. 3's target needs no eps(c_e));
     # the baseline (literal.py, the published schedule) samples both anew before each of its

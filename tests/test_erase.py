@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import erase
+import uce
 from sample import UsageError, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,10 +97,11 @@ def test_several_concepts_one_drawn_per_step(tiny_sd, vocab, tmp_path):
     assert len(drawn) >= 2 and drawn <= {"church", "garbage truck", "parachute"}
 
 
-def test_the_result_loads_into_a_diffusers_pipeline(tiny_sd, vocab, tmp_path):
+@pytest.mark.parametrize("method", ["eap", "uce"])
+def test_the_result_loads_into_a_diffusers_pipeline(tiny_sd, vocab, tmp_path, method):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
-    path = run(tiny_sd, vocab, tmp_path, "--lr", "1e-2")
+    path = run(tiny_sd, vocab, tmp_path, "--lr", "1e-2", "--method", method)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -109,6 +111,11 @@ def test_the_result_loads_into_a_diffusers_pipeline(tiny_sd, vocab, tmp_path):
     assert result.unexpected_keys == []
     after = pipe("garbage truck", latents=torch.ones(1, 4, 8, 8), **kw).images
     assert abs(after - before).max() > 0
+    if method == "uce":  # the closed form: keys and values of cross-attention only, defaults recorded
+        assert set(load_file(path)) == {n for n, _ in pipe.unet.named_parameters() if n.endswith(uce.EDITED)}
+        config = json.load(open(tmp_path / "config.json"))
+        assert (config["uce_lambda"], config["erase_scale"], config["preserve_scale"]) == (0.5, 1.0, 1.0)
+        assert "lr" not in config and len(open(tmp_path / "log.jsonl").readlines()) == 1
 
 
 def test_resume_finishes_with_the_same_weights(tiny_sd, vocab, tmp_path, monkeypatch):

@@ -39,6 +39,12 @@ ROWS = [
     ("pgd", ["--method", "eap", "--search", "pgd", "--negative_guidance", "1", "--eta", "1e-2"]),
 ]
 CASES = [(name, flags + ["--timestep", mode]) for name, flags in ROWS for mode in ("matched", "published")]
+# AGE's top-k (--gumbel_topk 2 of K 4), matched timesteps only: hard ignores it (AGE's objects
+# command), soft keeps the 2 largest weights renormalised (AGE's artists command)
+CASES += [("age hard, top-k 2", ["--method", "age", "--tau", "0.1", "--gumbel_topk", "2",
+                                 "--negative_guidance", "1", "--timestep", "matched"]),
+          ("eap soft, top-k 2", ["--method", "eap", "--soft", "--gumbel_topk", "2", "--n_iter", "2",
+                                 "--pi_grad", "trained", "--timestep", "matched"])]
 
 
 def both(tiny_sd, vocab, out, flags, dtype, lr):

@@ -14,7 +14,7 @@ from sample import UsageError, encode, load_model
 
 def args(**kw):
     base = dict(search="gumbel", K=3, select="similar", k_closest=10, pi_optim="sgd", eta=0.5,
-                tau=1.0, hard=True)
+                tau=1.0, hard=True, gumbel_topk=0)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -51,6 +51,76 @@ def test_concept_keeps_the_draws_value_with_the_gradient_at_the_current_pi():
         with torch.no_grad():
             s["x"].add_(torch.tensor([0.0, 0.5, 0.0, 0.0]))  # pi moves (a soft draw would change)
         assert torch.allclose(search.concept(s, d, a), d["c_a"])  # still the draw's value
+
+
+def hand_made(tau=0.5):
+    """pi and g with softmax((pi + g) / tau) = [1, 4, 2, 3] / 10 exactly (float64)."""
+    pi = torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=torch.float64, requires_grad=True)
+    g = tau * torch.tensor([1.0, 4.0, 2.0, 3.0], dtype=torch.float64).log() - pi.detach()
+    return pi, g
+
+
+def test_soft_top_k_keeps_the_k_largest_weights_renormalised():
+    """AGE's soft top-k: y = [1, 4, 2, 3] / 10, k = 2 -> [0, 4, 0, 3] / 7; the gradient of
+    w . G is that of a softmax over the two kept logits, (1 / tau) p_i (w_i - p . w), and 0
+    for the others."""
+    tau, w = 0.5, torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    pi, g = hand_made(tau)
+    y = search.G(pi, g, tau, hard=False, topk=2)
+    assert torch.allclose(y, torch.tensor([0, 4 / 7, 0, 3 / 7], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.isclose(y.sum(), torch.tensor(1.0, dtype=torch.float64)) and int((y != 0).sum()) == 2
+    (grad,) = torch.autograd.grad((w * y).sum(), pi)
+    p_w = 4 / 7 * 2 + 3 / 7 * 4  # p . w over the kept two
+    expect = torch.tensor([0, 4 / 7 * (2 - p_w), 0, 3 / 7 * (4 - p_w)], dtype=torch.float64) / tau
+    assert torch.allclose(grad, expect, rtol=0, atol=1e-12)
+    assert grad[[0, 2]].abs().max() < 1e-12  # nothing reaches the dropped logits (0 up to rounding)
+    y3 = search.G(pi, g, tau, hard=False, topk=3)  # [0, 4, 2, 3] / 9
+    assert torch.allclose(y3, torch.tensor([0, 4 / 9, 2 / 9, 3 / 9], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.allclose(search.G(pi, g, tau, False, 4), search.G(pi, g, tau, False, 0))  # k = K: all
+
+
+def test_hard_gumbel_softmax_ignores_top_k_as_ages_code():
+    """AGE's hard branch never reads k: one-hot forward, the full soft y's gradient (every logit)."""
+    tau, w = 0.5, torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    pi, g = hand_made(tau)
+    y = search.G(pi, g, tau, hard=True, topk=2)
+    assert y.tolist() == [0.0, 1.0, 0.0, 0.0]
+    (grad,) = torch.autograd.grad((w * y).sum(), pi)
+    p = torch.tensor([1.0, 4.0, 2.0, 3.0], dtype=torch.float64) / 10  # straight-through: softmax's
+    assert torch.allclose(grad, p * (w - (p * w).sum()) / tau, rtol=0, atol=1e-12)
+    assert (grad != 0).all()
+
+
+def test_draw_and_concept_use_top_k():
+    """search.draw's value and search.concept's gradient are the top-k G's (soft)."""
+    R_K = torch.randn(4, 77, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = args(hard=False, tau=0.5, gumbel_topk=2)
+    pi, g = hand_made(0.5)
+    s = dict(x=pi, R_K=R_K, words=list("abcd"))
+    d = search.draw(s, a, g)
+    assert torch.allclose(d["y"], torch.tensor([0, 4 / 7, 0, 3 / 7], dtype=torch.float64))
+    assert torch.allclose(d["c_a"], (4 * R_K[1] + 3 * R_K[3])[None] / 7) and search.drawn(s, d, a) == "b"
+    (grad,) = torch.autograd.grad(search.concept(s, d, a).sum(), pi)
+    assert grad[[0, 2]].abs().max() < 1e-12 and grad[[1, 3]].abs().min() > 1e-3
+
+
+def test_gumbel_topk_is_refused_outside_0_to_K():
+    import erase
+    base = ["--concept", "church", "--method", "age", "--K", "4", "--device", "cpu"]
+    assert erase.parse_args(base + ["--gumbel_topk", "4"]).gumbel_topk == 4
+    for bad in ("5", "-1"):
+        with pytest.raises(UsageError, match="--gumbel_topk"):
+            erase.parse_args(base + ["--gumbel_topk", bad])
+
+
+def test_imagenet_vocabulary_is_torchvisions_class_names_as_they_are():
+    words = search.load_vocab("imagenet", None, keep_erased=True)
+    assert len(words) == 1000 == len(set(words)) and words[0] == "tench" and words[217] == "English springer"
+    assert "Cardigan" in words and "cardigan" in words  # corgi and sweater: case is kept
+    erased = ["Garbage Truck", "church"]
+    kept = search.load_vocab("imagenet", None, erased)
+    assert len(kept) == 998 and "garbage truck" not in kept and "church" not in kept
+    assert kept[0] == "tench" and "English springer" in kept
 
 
 def test_soft_gumbel_softmax_is_a_distribution_sharper_at_low_tau():
