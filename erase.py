@@ -9,7 +9,7 @@ Methods (--method):
 - esd:   Eq. 3, naive erasure, no preservation;
 - fixed: Eq. 4 with one fixed c_a = --preserve (Fig. 1b: "", "lexus", "road");
 - age:   Adaptive Guided Erasure: the target c_n is replaced by the Gumbel mixture c_t, which
-         is also the preserved concept (L2 on z_t, as the published code does);
+         is also the preserved concept (L2 on z_r sampled with c_t, as AGE's train_age.py does);
 - ca:    Concept Ablation (Kumari et al. 2023), model-based: z_t from the frozen model's DDIM
          trajectory for the anchor c*, and || eps_theta'(z_t, c_e) - eps_theta(z_t, c*) ||^2;
 - uce:   Unified Concept Editing (Gandikota et al. 2024): no training loop, a closed-form edit
@@ -337,7 +337,7 @@ def main(argv=None, m=None):
         # z_t (and z_r, conditioned on this update's c_a): DDIM from the same z_T with the model
         # being trained, guided by start_guidance, `stop` steps; one batched no-grad loop.
         # CA: z_t on the frozen model's trajectory for the anchor c* (CA samples anchor images).
-        with_r = c_a is not None and args.method != "age"  # AGE's L2 uses z_t itself
+        with_r = c_a is not None
         conds = torch.cat([c_e_i, c_a]) if with_r else c_e_i
         values = dict(theta) if args.method == "ca" else {}  # the sampler's parameter values
         if bf16:
@@ -372,7 +372,7 @@ def main(argv=None, m=None):
 
         # Algorithm 2, outer min: the frozen forwards in one batch, the trained ones in another.
         # Frozen: the target's concept (c_n; AGE: c_t = c_a), c_e where negative guidance needs
-        # it, and c_a on z_r for L2 (AGE: L2's frozen output is the target's).
+        # it, and c_a on z_r for L2.
         frozen_in = [(z, c_a if args.method == "age" else c_n)]
         if args.method == "ca":  # CA's target: the anchor's prediction on the same z_t
             frozen_in = [(z, c_anchor[d.i:d.i + 1])]
@@ -385,7 +385,7 @@ def main(argv=None, m=None):
             target_model = eps_theta_prime if args.ca_target == "trained" and args.method == "ca" else eps_theta
             out = eps_theta_of(target_model, frozen_in, t).chunk(len(frozen_in))
         eps_n, eps_e = out[0], (out[1] if args.negative_guidance else None)
-        eps_a = out[-1] if with_r else eps_n  # AGE: eps_theta(z_t, c_t); esd: unused
+        eps_a = out[-1] if with_r else None  # esd, ca: no L2
         eps_p = eps_theta_of(eps_theta_prime, trained_in, t).chunk(len(trained_in))
         # Eq. 3 target (eta_neg = 0), the published code's negative guidance, or (ca) the anchor's
         target = erase_target(eps_n, eps_e, args.negative_guidance)

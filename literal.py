@@ -135,8 +135,8 @@ def erase_literally(m, unet_orig, args, resample=False):
                 z_T = d.z_T.to(device, unet.dtype)
                 t_encs.append(d.t_enc)
                 z = sample_z(unet, z_T, c_e_i, c_n, args, m.scheduler, d.t_enc)
-                if c_a is not None:  # AGE's L2 is on z itself
-                    z_r = sample_z(unet, z_T, c_a, c_n, args, m.scheduler, d.t_enc) if args.method != "age" else z
+                if c_a is not None:  # z_r: the same z_T, guided by c_a (AGE: c_t)
+                    z_r = sample_z(unet, z_T, c_a, c_n, args, m.scheduler, d.t_enc)
 
             if it < iterations - 1:
                 # Algorithm 1: pi <- pi + eta grad_pi || eps_theta'(G(pi) R) - eps_theta(G(pi) R) ||^2,

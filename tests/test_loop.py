@@ -55,12 +55,12 @@ def test_gradients_reach_the_frozen_branch_only_where_asked(tiny_sd, vocab, tmp_
 
 @pytest.mark.parametrize("method,eta_neg,frozen,trained", [
     ("esd", "0", 1, 1), ("esd", "1", 2, 1), ("fixed", "0", 2, 2), ("fixed", "1", 3, 2),
-    ("eap", "0", 2, 2), ("eap", "1", 3, 2), ("age", "0", 1, 2), ("age", "1", 2, 2)])
+    ("eap", "0", 2, 2), ("eap", "1", 3, 2), ("age", "0", 2, 2), ("age", "1", 3, 2)])
 def test_the_model_step_runs_only_the_forwards_it_uses(tiny_sd, vocab, tmp_path, method, eta_neg, frozen, trained):
     flags = ["--method", method, "--negative_guidance", eta_neg] + (["--preserve", "road"] if method == "fixed" else [])
     calls, rec, _ = watched(tiny_sd, vocab, tmp_path, *flags)
     assert [len(cs) for _, cs, _ in calls[-2:]] == [frozen, trained]
-    sampled = 2 if method in ("fixed", "eap") else 1  # z, and z_r
+    sampled = 2 if method in ("fixed", "eap", "age") else 1  # z, and z_r
     n_iter = 2 if method in ("eap", "age") else 0
     images = sum(len(cs) for _, cs, _ in calls)  # README: forwards per update
     assert images == 2 * sampled * rec["t_enc"] + 2 * n_iter + frozen + trained
