@@ -1,8 +1,8 @@
 """What every script shares at its command line, and nothing else: no model code, no torch.
 
 The project's files import downward only:
-    cli -> prompts, losses, offline -> sample -> search -> erase, uce -> literal, toy
-    -> evaluate, bench   (tests/test_layers.py checks that no import goes up or in a circle)
+    cli; prompts, losses, offline; sample; search, uce; erase; literal, toy; evaluate, bench
+    (each layer imports only from those before it; tests/test_layers.py checks for circles)
 """
 import csv
 import os

@@ -84,6 +84,7 @@ def erase_literally(m, unet_orig, args, resample=False):
     opt = torch.optim.Adam(theta_prime, lr=args.lr)
     c_e, c_n = encode(m, args.concepts), encode(m, [""])
     c_fixed = encode(m, [args.preserve]) if args.method == "fixed" else None
+    c_anchor = encode(m, args.anchors) if args.method == "ca" else None  # Concept Ablation's c*
     S = []
     if erase.searched(args):  # the candidate set and pi of each erased concept (search.py)
         words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
@@ -134,7 +135,10 @@ def erase_literally(m, unet_orig, args, resample=False):
                     c_a, word = c_fixed, args.preserve
                 z_T = d.z_T.to(device, unet.dtype)
                 t_encs.append(d.t_enc)
-                z = sample_z(unet, z_T, c_e_i, c_n, args, m.scheduler, d.t_enc)
+                if args.method == "ca":  # CA: z_t on the frozen model's trajectory for the anchor
+                    z = sample_z(unet_orig, z_T, c_anchor[d.i:d.i + 1], c_n, args, m.scheduler, d.t_enc)
+                else:
+                    z = sample_z(unet, z_T, c_e_i, c_n, args, m.scheduler, d.t_enc)
                 if c_a is not None:  # z_r: the same z_T, guided by c_a (AGE: c_t)
                     z_r = sample_z(unet, z_T, c_a, c_n, args, m.scheduler, d.t_enc)
 
@@ -169,6 +173,9 @@ def erase_literally(m, unet_orig, args, resample=False):
             with torch.no_grad():
                 e_n = unet_orig(z, t, encoder_hidden_states=c_a if args.method == "age" else c_n).sample
                 target = e_n  # Eq. 3: eps_theta(c_n) (AGE: eps_theta(c_t))
+                if args.method == "ca":  # CA: the anchor's prediction (--ca_target trained: theta')
+                    target = (unet if args.ca_target == "trained" else unet_orig)(
+                        z, t, encoder_hidden_states=c_anchor[d.i:d.i + 1]).sample
                 if args.negative_guidance:  # eps(c_n) - eta_neg (eps(c_e) - eps(c_n))
                     e_e = unet_orig(z, t, encoder_hidden_states=c_e_i).sample
                     target = e_n - args.negative_guidance * (e_e - e_n)

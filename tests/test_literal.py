@@ -37,6 +37,8 @@ ROWS = [
     ("age", ["--method", "age", "--tau", "0.1", "--negative_guidance", "1"]),
     ("age soft, eps", ["--method", "age", "--soft", "--pi_grad", "trained"]),
     ("pgd", ["--method", "eap", "--search", "pgd", "--negative_guidance", "1", "--eta", "1e-2"]),
+    ("ca", ["--method", "ca", "--loss_space", "x0"]),
+    ("ca, trained target", ["--method", "ca", "--anchor", "car", "--ca_target", "trained"]),
 ]
 CASES = [(name, flags + ["--timestep", mode]) for name, flags in ROWS for mode in ("matched", "published")]
 # AGE's top-k (--gumbel_topk 2 of K 4), matched timesteps only: hard ignores it (AGE's objects
