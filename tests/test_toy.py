@@ -137,27 +137,151 @@ def test_readme_toy_commands_erase_sample_evaluate(tmp_path, monkeypatch):
 
 
 def test_readme_benchmark_reduced_end_to_end(tmp_path):
-    """`python toy.py benchmark --out out/toy`: 2 erasure steps, 1 sample per concept, 5 DDIM steps."""
+    """`python toy.py benchmark --out out/toy`, every method on the first split and seed, in this
+    process: 2 erasure steps, 1 sample per concept, 5 DDIM steps."""
     (argv,) = [into(tmp_path, c[2:]) for c in readme_toy_commands() if c[:2] == ["toy.py", "benchmark"]]
     reduced = ["--samples", "1", "--sample_steps", "5", "--erase_steps", "2", "--ddim_steps", "2",
-               "--K", "4", "--n_iter", "1"]
+               "--K", "4", "--n_iter", "1", "--splits", "red circle, blue square", "--seeds", "0", "--jobs", "1"]
     with pytest.raises(sample.UsageError, match="too weak"):  # the check of the original model
         toy.main(["benchmark", *argv, *reduced, "--out", str(tmp_path / "weak"), "--min_accuracy", "101"])
     with pytest.raises(sample.UsageError, match="--methods"):
-        toy.main(["benchmark", *argv, *reduced, "--out", str(tmp_path / "bad"), "--methods", "esd,uce"])
+        toy.main(["benchmark", *argv, *reduced, "--out", str(tmp_path / "bad"), "--methods", "esd,nope"])
     toy.main(["benchmark", *argv, *reduced, "--min_accuracy", "0"])
     out = tmp_path / argv[argv.index("--out") + 1]
     r = json.load(open(out / "results.json"))
     assert 0 <= r["original"]["accuracy"] <= 100
-    assert list(r["methods"]) == ["esd", "fixed_empty", "fixed_related", "eap", "age"]
-    for name, v in r["methods"].items():
+    assert list(r["methods"]) == ["esd", "fixed_empty", "fixed_related", "eap", "age", "uce", "ca"]
+    for v in r["runs"]:
+        name = v["method"]
         assert 0 <= v["esr1"] <= 100 and 0 <= v["psr1"] <= 100, name
         assert -100 <= v["drop_shared"] <= 100 and -100 <= v["drop_unshared"] <= 100
-        assert os.path.isfile(out / name / "weights.safetensors")
-        config = json.load(open(out / name / "config.json"))  # the benchmark's settings reach erase.py
-        assert config["negative_guidance"] == r["settings"]["negative_guidance"] == 1.0
-        assert config["lr"] == r["settings"]["lr"] and config["steps"] == 2
-    assert r["methods"]["fixed_empty"]["c_a_most_often"] == [""]
-    assert r["methods"]["eap"]["c_a_most_often"][0] in toy.vocabulary()
+        assert os.path.isfile(out / "split0_seed0" / name / "weights.safetensors")
+        config = json.load(open(out / "split0_seed0" / name / "config.json"))  # the settings reach erase.py
+        assert config["method"] == {"fixed_empty": "fixed", "fixed_related": "fixed"}.get(name, name)
+        if name in toy.ESD_TARGET:  # ESD's target, negative guidance included; ca refuses it
+            assert config["negative_guidance"] == r["settings"]["negative_guidance"] == 1.0
+        if name != "uce":  # uce trains nothing
+            assert config["lr"] == r["settings"]["lr"] and config["steps"] == 2
+    runs = {v["method"]: v for v in r["runs"]}
+    assert runs["fixed_empty"]["c_a_most_often"] == [""]
+    assert runs["fixed_related"]["c_a_most_often"] == ["blue circle"]
+    assert runs["eap"]["c_a_most_often"][0] in toy.vocabulary()
+    assert set(runs["ca"]["c_a_most_often"]) <= {"circle", "square"}  # ca: each concept's anchor
+    assert r["verdict"]["pairs"] == 1 and r["verdict"]["text"] in open(out / "table.md").read()
     for f in ("grid.png", "sensitivity.png", "table.md"):
         assert (out / f).stat().st_size > 0
+
+
+def hand_made_runs(esd, eap):
+    """Runs of esd and eap on (split, seed) = (0, 0), (1, 0), (2, 0) with the given PSR-1s."""
+    return [dict(method=name, split=i, seed=0, esr1=100.0 - i, psr1=p, drop_shared=10.0 * i,
+                 drop_unshared=5.0, erase_seconds=20.0)
+            for name, psr1 in (("esd", esd), ("eap", eap)) for i, p in enumerate(psr1)]
+
+
+def test_mean_std_and_verdict_on_hand_made_runs():
+    """Table 1's mean ± std: the sample std (n - 1: 10 here, not 8.16), over each method's runs;
+    the verdict: EAP's mean PSR-1 beats ESD's by more than the larger std, or not."""
+    runs = hand_made_runs(esd=[30.0, 40.0, 50.0], eap=[50.0, 52.0, 54.0])
+    agg = toy.aggregate(runs)
+    assert list(agg) == ["esd", "eap"] and agg["esd"]["runs"] == 3
+    assert agg["esd"]["psr1"] == dict(mean=40.0, std=10.0, values=[30.0, 40.0, 50.0])
+    assert agg["eap"]["psr1"] == dict(mean=52.0, std=2.0, values=[50.0, 52.0, 54.0])
+    assert agg["esd"]["esr1"] == dict(mean=99.0, std=1.0, values=[100.0, 99.0, 98.0])
+    assert agg["esd"]["drop_unshared"]["std"] == 0.0 and agg["eap"]["drop_shared"]["mean"] == 10.0
+    assert toy.mean_std([7.0]) == dict(mean=7.0, std=0.0, values=[7.0])  # one run: no spread
+    v = toy.verdict(runs, agg)  # gap 12 > 10
+    assert v["eap_beats_esd_beyond_spread"] is True and v["psr1_gap"] == 12.0 and v["spread"] == 10.0
+    assert v["paired_difference"] == dict(mean=12.0, std=8.0, values=[20.0, 12.0, 4.0])
+    assert v["eap_higher_in"] == 3 and v["pairs"] == 3 and v["text"].startswith("EAP's PSR-1 beats")
+    runs = hand_made_runs(esd=[30.0, 40.0, 50.0], eap=[45.0, 41.0, 49.0])  # gap 5 <= 10
+    v = toy.verdict(runs, toy.aggregate(runs))
+    assert v["eap_beats_esd_beyond_spread"] is False and v["eap_higher_in"] == 2
+    assert v["text"].startswith("EAP's PSR-1 does not beat")
+    assert toy.verdict(runs[:3], toy.aggregate(runs[:3])) is None  # no eap: no verdict
+    r = dict(original=dict(splits=3, esr1=toy.mean_std([0, 0, 0]), psr1=toy.mean_std([90, 92, 94])),
+             methods=agg, splits=[dict(E=["red circle", "blue square"])] * 3, seeds=[0], seconds=1,
+             verdict=toy.verdict(hand_made_runs([30.0, 40.0, 50.0], [50.0, 52.0, 54.0]), agg))
+    table = toy.markdown_table(r)
+    assert "| esd | 3 | 99.0 ± 1.0 | 40.0 ± 10.0 | 10.0 ± 10.0 | 5.0 ± 0.0 | 20 s |" in table
+    assert "| original | 3 | 0.0 ± 0.0 | 92.0 ± 2.0 | - | - | - |" in table
+    assert r["verdict"]["text"] in table
+
+
+def test_fixed_related_concept_is_derived_per_split():
+    """fixed_related's c_a: the shape of a split's first concept in the colour of its second, as
+    "blue circle" for the default E; and only ESD's-target methods get --negative_guidance."""
+    args = toy.parse_args(["benchmark", "--out", "x"])
+    splits = toy.parse_splits(args.splits)
+    assert [s["E"] for s in splits] == [["red circle", "blue square"], ["green star", "orange heart"],
+                                        ["purple cross", "yellow triangle"]]
+    assert [s["related"] for s in splits] == ["blue circle", "orange star", "yellow cross"]
+    for a in toy.CONCEPTS:
+        for b in toy.CONCEPTS:
+            if set(a.split()) & set(b.split()):
+                continue
+            c = toy.related_concept([a, b])
+            assert c.split() == [b.split()[0], a.split()[1]] and c not in (a, b)
+    for s in splits:
+        flags = toy.methods(args, s["related"])
+        assert flags["fixed_related"][flags["fixed_related"].index("--preserve") + 1] == s["related"]
+    assert toy.parse_splits("red circle", related=False) == [dict(E=["red circle"], related=None)]
+    assert [n for n, f in flags.items() if "--negative_guidance" in f] == list(toy.ESD_TARGET)
+    assert "--steps" not in flags["uce"] and "--lr" not in flags["uce"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--splits", "red circle, pink circle"], "'pink circle' is not a concept"),
+    (["--splits", "red circle, blue square;"], "'' is not a concept"),
+    (["--splits", "red circle, blue square; green star, green star"], "'green star' appears twice"),
+    (["--splits", "red circle, red square"], "would be 'red circle', an erased concept"),
+    (["--splits", "red circle, blue circle"], "would be 'blue circle', an erased concept"),
+    (["--splits", "red circle"], "has one concept"),
+    (["--seeds", "0", "0"], "--seeds names a seed twice"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--methods", "esd,esd"], "--methods"),
+])
+def test_bad_splits_are_refused_in_one_line(tmp_path, flags, message):
+    """Refused before any model is loaded, as one line (cli.UsageError). Were one let through,
+    the original model's check (a tiny sampling) would refuse it with another message."""
+    fast = ["--samples", "1", "--sample_steps", "2", "--min_accuracy", "101"]
+    with pytest.raises(sample.UsageError, match=re.escape(message)) as e:
+        toy.main(["benchmark", "--out", str(tmp_path), *fast, *flags])
+    assert "\n" not in str(e.value)
+
+
+def test_benchmark_splits_and_seeds_end_to_end(tmp_path):
+    """2 splits x 1 seed x 2 methods in 2 worker processes: results.json keeps every run and
+    each method's mean ± std; the splits reach erase.py (their numbers differ); a run gives the
+    same numbers in a worker as in this process."""
+    tiny = ["--samples", "1", "--sample_steps", "5", "--erase_steps", "3", "--lr", "1e-2",
+            "--ddim_steps", "2", "--seeds", "0", "--min_accuracy", "0"]
+    splits = ["red circle, blue square", "green star, orange heart"]
+    r = toy.main(["benchmark", "--out", str(tmp_path / "a"), "--splits", "; ".join(splits), "--jobs", "2",
+                  "--methods", "esd,fixed_related", *tiny])
+    assert r == json.load(open(tmp_path / "a" / "results.json"))
+    assert [s["related"] for s in r["splits"]] == ["blue circle", "orange star"] and r["seeds"] == [0]
+    assert [(v["split"], v["seed"], v["method"]) for v in r["runs"]] == [
+        (0, 0, "esd"), (0, 0, "fixed_related"), (1, 0, "esd"), (1, 0, "fixed_related")]
+    for v in r["runs"]:
+        config = json.load(open(tmp_path / "a" / v["folder"] / "config.json"))
+        assert config["concept"] == splits[v["split"]] and config["seed"] == v["seed"] == 0
+        if v["method"] == "fixed_related":
+            assert config["preserve"] == v["c_a"] == r["splits"][v["split"]]["related"]
+        assert len(v["per_concept"]) == 36
+    for name in ("esd", "fixed_related"):
+        agg, runs = r["methods"][name], [v for v in r["runs"] if v["method"] == name]
+        assert agg["runs"] == 2 and set(agg) == {"runs", *toy.FIGURES}
+        for f in toy.FIGURES:
+            values = [v[f] for v in runs]
+            assert agg[f]["values"] == values
+            assert agg[f]["mean"] == pytest.approx(np.mean(values), abs=0.01)
+            assert agg[f]["std"] == pytest.approx(np.std(values, ddof=1), abs=0.01)
+        assert runs[0]["per_concept"] != runs[1]["per_concept"]  # two splits, two erased models
+        assert [runs[0][f] for f in toy.FIGURES[:4]] != [runs[1][f] for f in toy.FIGURES[:4]]
+    assert r["verdict"] is None  # no eap in this run
+    assert "±" in open(tmp_path / "a" / "table.md").read()
+    # the second split alone, esd alone, in this process: the same numbers as in the worker
+    b = toy.main(["benchmark", "--out", str(tmp_path / "b"), "--splits", splits[1], "--jobs", "1",
+                  "--methods", "esd", *tiny])
+    assert b["runs"][0]["per_concept"] == r["runs"][2]["per_concept"]
