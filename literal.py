@@ -102,6 +102,16 @@ def erase_literally(m, unet_orig, args, resample=False):
     def space(eps, z, ab):  # eps itself, or the x0 it predicts (--loss_space x0)
         return eps if args.loss_space == "eps" else (z - (1 - ab).sqrt() * eps) / ab.sqrt()
 
+    def gumbel(pi, g):  # G(pi; g) = softmax((pi + g) / tau): hard (straight-through), soft, or soft top-k
+        y = ((pi + g.to(device)) / args.tau).softmax(-1)
+        if args.hard:
+            return F.one_hot(y.argmax(-1), args.K).to(y.dtype) - y.detach() + y
+        if args.gumbel_topk:  # AGE, soft: the weights >= the k-th largest, renormalised
+            kth = y.sort(descending=True).values[args.gumbel_topk - 1]
+            y = torch.where(y >= kth, y, 0.0)
+            y = y / y.sum()  # y_i 1[y_i >= kth] / sum_j y_j 1[y_j >= kth]
+        return y
+
     records = []
     for k in range(args.steps):
         tic = time.perf_counter()
@@ -121,14 +131,7 @@ def erase_literally(m, unet_orig, args, resample=False):
                         sim = F.cosine_similarity(R_K.flatten(1), c_a.flatten(1))
                         word = s["words"][int(sim.argmax())]  # the candidate nearest c_a
                     else:
-                        y = ((pi + d.g.to(device)) / args.tau).softmax(-1)
-                        if args.hard:
-                            y = F.one_hot(y.argmax(-1), args.K).to(y.dtype) - y.detach() + y
-                        elif args.gumbel_topk:  # AGE, soft: the weights >= the k-th largest, renormalised
-                            kth = y.sort(descending=True).values[args.gumbel_topk - 1]
-                            y = torch.where(y >= kth, y, 0.0)
-                            y = y / y.sum()  # y_i 1[y_i >= kth] / sum_j y_j 1[y_j >= kth]
-                        y_draw = y.detach()
+                        y_draw = gumbel(pi, d.g).detach()
                         c_a = einsum(y_draw, R_K, "k, k l d -> l d")[None]
                         word = s["words"][int(y_draw.argmax())]
                 else:
@@ -148,13 +151,7 @@ def erase_literally(m, unet_orig, args, resample=False):
                 if args.search == "pgd":
                     c = c_a + pi - pi.detach()
                 else:
-                    y = ((pi + d.g.to(device)) / args.tau).softmax(-1)
-                    if args.hard:
-                        y = F.one_hot(y.argmax(-1), args.K).to(y.dtype) - y.detach() + y
-                    elif args.gumbel_topk:  # AGE, soft: the weights >= the k-th largest, renormalised
-                        kth = y.sort(descending=True).values[args.gumbel_topk - 1]
-                        y = torch.where(y >= kth, y, 0.0)
-                        y = y / y.sum()  # y_i 1[y_i >= kth] / sum_j y_j 1[y_j >= kth]
+                    y = gumbel(pi, d.g)
                     c = einsum(y_draw + y - y.detach(), R_K, "k, k l d -> l d")[None]
                 e_prime = unet(z_r, t, encoder_hidden_states=c).sample
                 if args.pi_grad == "both":
