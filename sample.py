@@ -146,7 +146,6 @@ def set_precision(m, precision):
 def generate(m, prompts, seeds, guidance=7.5, steps=100, batch=8, progress=True, c_uncond=None):
     """One image per (prompt, seed) pair, as uint8 arrays (H, W, 3). The text encoder runs once
     per batch, on the batch's distinct prompts; c_uncond (the "" embedding) may be passed in."""
-    device = m.unet.device
     c_uncond = encode(m, [""]) if c_uncond is None else c_uncond
     out = []
     pairs = list(zip(prompts, seeds))
@@ -154,11 +153,18 @@ def generate(m, prompts, seeds, guidance=7.5, steps=100, batch=8, progress=True,
         chunk = pairs[i:i + batch]
         distinct = list(dict.fromkeys(p for p, _ in chunk))
         c = encode(m, distinct)[[distinct.index(p) for p, _ in chunk]]
-        z = torch.cat([noise(m, 1, s, device) for _, s in chunk])
-        z, _ = ddim(m.unet, m.scheduler, z, c, c_uncond.expand_as(c), guidance, steps)
-        x = rearrange(decode(m, z).float().cpu(), "b c h w -> b h w c")
-        out += list((x.numpy() * 255).round().astype(np.uint8))
+        out += sample_from(m, c, [s for _, s in chunk], guidance, steps, c_uncond)[0]
     return out
+
+
+@torch.no_grad()
+def sample_from(m, c, seeds, guidance, steps, c_uncond):
+    """One batch from text embeddings c (B, 77, D), seed by seed: the images as uint8 arrays
+    (H, W, 3) and z_0 (B, C, H, W), what the VAE decoded them from."""
+    z = torch.cat([noise(m, 1, s, m.unet.device) for s in seeds])
+    z, _ = ddim(m.unet, m.scheduler, z, c, c_uncond.expand_as(c), guidance, steps)
+    x = rearrange(decode(m, z).float().cpu(), "b c h w -> b h w c")
+    return list((x.numpy() * 255).round().astype(np.uint8)), z
 
 
 def grid(rows, row_labels, title=None):
