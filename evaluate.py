@@ -102,8 +102,8 @@ def load_classifier(name, device):
     """ResNet-50 (IMAGENET1K_V2) and its preprocessing; "random": same net, random weights;
     "toy": the toy world's oracle as a 36-way classifier (toy.py), with its classes."""
     if name == "toy":
-        import toy
-        return toy.Concepts(toy.load_oracle()).to(device), toy.to_tensor
+        import oracle
+        return oracle.Concepts(oracle.load_oracle()).to(device), oracle.to_tensor
     from torchvision.models import ResNet50_Weights, resnet50
     weights = ResNet50_Weights.IMAGENET1K_V2
     torch.manual_seed(0)

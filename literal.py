@@ -33,7 +33,7 @@ from einops import einsum
 import erase
 import search
 from cli import run_cli
-from sample import encode, load_model
+from sample import encode, load_model, sample_from
 
 
 def sample_z(unet, z, c, c_n, args, scheduler, t_enc):
@@ -190,6 +190,72 @@ def erase_literally(m, unet_orig, args, resample=False):
         records.append(dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=d.t_enc,
                             c_e=args.concepts[d.i], c_a=word, t_encs=t_encs, seconds=round(time.perf_counter() - tic, 4)))
     return records, {n: p.detach() for n, p in unet.named_parameters() if n in names}
+
+
+# ---------------------------------------------------------------------------- UnlearnDiffAtk
+def simplex_bisection(a, xi=1e-12):
+    """The published projection of a (V,) onto the simplex: bisection on mu until
+    sum(clip(a - mu, 0, 1)) = 1, to within xi in mu."""
+    lo, hi = (a - 1).min().item(), a.max().item()
+    while hi - lo > xi:
+        mu = (lo + hi) / 2
+        if (a - mu).clamp(0, 1).sum().item() > 1:
+            lo = mu
+        else:
+            hi = mu
+    return (a - (lo + hi) / 2).clamp(0, 1)
+
+
+def unlearndiffatk(m, prompt, seed, z0, gen, judge, s):
+    """UnlearnDiffAtk for one prompt, as the published text_grad attacker runs it: the prompt's
+    ids split into [SOT | prompt | k dropped | the rest] with the k adversarial embeddings put
+    after SOT; at each timestep, iterations of: a one-hot token drawn from each row of p, its
+    embedding, the erased model's MSE against fresh noise, the one-hot's gradient clipped to
+    [-1, 1] as p's, Adam with L2 weight decay written out, and the bisection projection; then
+    the argmax tokens are generated from and judged. z0: (1, C, H, W). Returns the result of
+    the last timestep tried: its losses (every iteration), adv_ids, success."""
+    tok = m.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    L, k = int((ids[0] == tok.eos_token_id).nonzero()[0, 0]) - 1, s["k"]
+    E = m.text_encoder.get_input_embeddings().weight  # (V, D)
+    V = E.shape[0]
+    p = torch.full((k, V), 1.0 / V, dtype=E.dtype)
+    mom, var, n = torch.zeros_like(p), torch.zeros_like(p), 0
+    b1, b2, adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as the published code uses
+    sot, mid, _, rest = ids.split([1, L, k, 76 - L - k], dim=1)
+    adv_ids = torch.cat([sot, torch.zeros(1, k, dtype=ids.dtype), mid, rest], dim=1)
+    abar = m.scheduler.alphas_cumprod
+    T, nt = 1000, s["timesteps"]
+    losses = []
+    for t in list(range(T // nt // 2, T, T // nt))[:nt]:
+        for _ in range(s["iterations"]):
+            cdf = p.cumsum(-1)
+            u = torch.rand(k, 1, generator=gen) * cdf[:, -1:]
+            picks = [min(int((cdf[r] <= u[r]).sum()), V - 1) for r in range(k)]  # first index with cdf > u
+            one_hot = torch.zeros(k, V, dtype=E.dtype)
+            one_hot[range(k), picks] = 1
+            one_hot.requires_grad_(True)
+            emb = torch.cat([E[sot[0]], one_hot @ E, E[mid[0]], E[rest[0]]])[None]  # (1, 77, D)
+            hook = m.text_encoder.get_input_embeddings().register_forward_hook(lambda mod, i, o: emb)
+            c = m.text_encoder(adv_ids)[0]
+            hook.remove()
+            eps = torch.randn(z0.shape[1:], generator=gen)[None].to(z0.dtype)
+            z_t = abar[t].sqrt() * z0 + (1 - abar[t]).sqrt() * eps
+            loss = ((eps - m.unet(z_t, torch.tensor([t]), encoder_hidden_states=c).sample) ** 2).mean()
+            g = torch.autograd.grad(loss, one_hot)[0].clamp(-1, 1) + s["weight_decay"] * p
+            n += 1
+            mom = b1 * mom + (1 - b1) * g
+            var = b2 * var + (1 - b2) * g * g
+            p = p - s["lr"] * (mom / (1 - b1 ** n)) / ((var / (1 - b2 ** n)).sqrt() + adam_eps)
+            p = torch.stack([simplex_bisection(row) for row in p])
+            losses.append(loss.item())
+        adv_ids[0, 1:1 + k] = p.argmax(-1)
+        with torch.no_grad():
+            c = m.text_encoder(adv_ids)[0]
+            images, _ = sample_from(m, c, [seed], s["guidance"], s["steps"], encode(m, [""]))
+        if judge(images)[0][0]:
+            return dict(success=True, timestep=t, losses=losses, adv_ids=adv_ids[0].tolist())
+    return dict(success=False, timestep=t, losses=losses, adv_ids=adv_ids[0].tolist())
 
 
 def main(argv=None, m=None, unet_orig=None, resample=False):

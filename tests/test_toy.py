@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import erase
 import evaluate
+import oracle
 import sample
 import toy
 
@@ -58,7 +59,7 @@ def test_oracle_reads_held_out_clean_images():
     images = [toy.draw(c, s, rng) for c in toy.COLOURS for s in toy.SHAPES]
     assert (toy.recognise(net, images) == np.arange(36)).all()
     # as evaluate.py's classifier: 36 log-probabilities that sum to 1, the same top-1
-    scores = toy.Concepts(net)(torch.stack([toy.to_tensor(im) for im in images]))
+    scores = oracle.Concepts(net)(torch.stack([oracle.to_tensor(im) for im in images]))
     assert scores.shape == (36, 36) and torch.allclose(scores.exp().sum(1), torch.ones(36), atol=1e-5)
     assert (scores.argmax(1) == torch.arange(36)).all()
     # the test can fail: an untrained judge is far from 99%
