@@ -501,6 +501,7 @@ def resume(path, settings):
 def main(argv=None):
     args = parse_args(argv)
     rows = read_rows(args)  # a bad file, label or concept fails here, before the model loads
+    pairs = vector_pairs(args.concept, args.vector_csv) if args.attack == "ringabell" else None
     judge = make_judge(args.classifier, args.concept, args.device, args.label)
     m = load_model(args.model, args.device)
     args.steps = args.steps or (20 if args.model == "toy" else 50)
@@ -558,7 +559,7 @@ def main(argv=None):
         left = [i for i in todo if not pre[i]]
         v = None
         if args.attack == "ringabell":
-            run["vector"] = concept_vector(m, vector_pairs(args.concept, args.vector_csv))
+            run["vector"] = concept_vector(m, pairs)
         if args.attack == "inversion":
             if os.path.isfile(token_file):
                 v = load_file(token_file)["token"].to(args.device)

@@ -264,6 +264,7 @@ def test_cli_attacks_a_prompt_the_plain_prompt_does_not_break(tmp_path):
     (["--attack", "ringabell", "--csv", "/nonexistent.csv"], "nonexistent"),
     (["--attack", "ringabell", "--weights", "/nonexistent.safetensors"], "not a .safetensors file"),
     (["--attack", "inversion", "--prompts", "a, ,b"], "empty prompt"),
+    (["--attack", "ringabell", "--vector_csv", "/nonexistent.csv"], "nonexistent"),
 ])
 def test_bad_input_is_one_line(tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):
