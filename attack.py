@@ -482,7 +482,8 @@ def read_rows(args):
 
 
 def settings_of(args):
-    keys = ("model", "weights", "concept", "attack", "classifier", "label", "steps", "guidance", "seed")
+    keys = ("model", "weights", "concept", "attack", "classifier", "label", "csv", "prompts", "seeds", "steps",
+            "guidance", "seed")
     keys += {"unlearndiffatk": ("k", "iterations", "timesteps", "lr", "weight_decay"), "ringabell": ("eta",),
              "inversion": ("inversion_steps", "inversion_lr", "inversion_batch", "init_word")}[args.attack]
     return {k: getattr(args, k) for k in keys}
@@ -535,10 +536,13 @@ def main(argv=None):
         load_weights(m.unet, args.weights)
     records = dict(done)
 
-    def record(i, result):
-        rec = dict(row=i, prompt=rows[i]["prompt"], seed=rows[i]["seed"], pre=pre[i], post=pre[i] or result["success"],
-                   attack_success=result["success"], **{k: v for k, v in result.items() if k not in ("image", "success")})
-        png(i, "attack", result["image"])
+    def record(i, result, image):
+        """A prompt's record, its attacked image and its line in the .jsonl (result None: the plain
+        prompt already brought the concept back, nothing was attacked)."""
+        rec = dict(row=i, prompt=rows[i]["prompt"], seed=rows[i]["seed"], pre=pre[i],
+                   post=pre[i] or bool(result and result["success"]), attack_success=result and result["success"],
+                   **{k: v for k, v in (result or {}).items() if k not in ("image", "success")})
+        png(i, "attack", image)
         with open(log, "a") as f:
             f.write(json.dumps(rec) + "\n")
         records[i] = rec
@@ -549,13 +553,8 @@ def main(argv=None):
         for i, im, hit in zip(todo, images, judge(images)):
             pre[i] = hit[0]
             png(i, "plain", im)
-        broken = [i for i in todo if pre[i]]  # the plain prompt already brings the concept back
-        for i in broken:
-            png(i, "attack", np.asarray(Image.open(os.path.join(folder, f"{i:05d}-plain.png"))))
-            rec = dict(row=i, prompt=rows[i]["prompt"], seed=rows[i]["seed"], pre=True, post=True, attack_success=None)
-            with open(log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            records[i] = rec
+            if pre[i]:  # the plain prompt already brings the concept back: no attack
+                record(i, None, im)
         left = [i for i in todo if not pre[i]]
         v = None
         if args.attack == "ringabell":
@@ -569,7 +568,7 @@ def main(argv=None):
         progress = tqdm(total=len(left), desc=args.attack)
 
         def finished(i, result):
-            record(i, result)
+            record(i, result, result["image"])
             progress.update()
         attack(m, args.attack, rows, left, z0, args.concept, judge, run, c_uncond, v, finished)
         progress.close()

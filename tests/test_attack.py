@@ -362,3 +362,26 @@ def test_robustness_aggregation_and_sanity_check():
     toy.add_robustness(r, runs, original)
     assert not r["sanity"]["passed"] and r["sanity"]["original_asr_post_at_least_80"]["ringabell"] is False
     assert "FAILED" in toy.robustness_table(r)
+
+
+def test_cli_targets_come_from_the_original_model_and_plain_images_from_the_erased(tmp_path):
+    """With --weights: each prompt's target PNG is the original model's image, its plain PNG the
+    erased model's (a changed prompt list is a new run, not a resume)."""
+    import erase
+    from PIL import Image
+    from sample import load_weights
+    w = erase.main(["--model", "toy", "--concept", "red circle", "--method", "esd", "--steps", "3", "--lr", "1e-2",
+                    "--ddim_steps", "2", "--device", "cpu", "--out", str(tmp_path / "w")])
+    out, res = run(tmp_path, "--attack", "ringabell", "--eta", "0.5", "--weights", w)
+    m = load_model("toy", "cpu")
+    s = dict(guidance=7.5, steps=20, batch=8)
+    rows = [dict(prompt="a red circle", seed=i) for i in (0, 1)]
+    original, _ = attack.images_of(m, rows, s, encode(m, [""]))
+    load_weights(m.unet, w)
+    erased, _ = attack.images_of(m, rows, s, encode(m, [""]))
+    assert any(not np.array_equal(a, b) for a, b in zip(original, erased))  # the erasure changed something
+    for i in (0, 1):
+        png = lambda what: np.asarray(Image.open(os.path.join(out[:-5], f"{i:05d}-{what}.png")))
+        assert np.array_equal(png("target"), original[i]) and np.array_equal(png("plain"), erased[i])
+    with pytest.raises(UsageError, match="other settings"):
+        run(tmp_path, "--attack", "ringabell", "--eta", "0.5", "--weights", w, "--prompts", "a red shape")
