@@ -33,6 +33,7 @@ import time
 import torch
 
 import erase
+import family
 import literal
 import offline
 import sample
@@ -66,14 +67,11 @@ def parse_args(argv=None):
 
 def build(a, vae=False):
     """Random SD-1.4 UNet and text encoder, and the VAE where asked (training never decodes)."""
-    unet_cfg, text_cfg, vae_cfg = offline.sd14_configs() if a.size == "sd14" else offline.tiny_configs()
-    unet_cfg = dict(unet_cfg, sample_size=a.latent)
-    tok, text_encoder, unet, vae, scheduler = offline.build((unet_cfg, text_cfg, vae_cfg), vae=vae)
-    for mod in (unet, text_encoder, vae):
-        if mod is not None:
-            mod.requires_grad_(False).eval().to(a.device)
-    return argparse.Namespace(tokenizer=tok, text_encoder=text_encoder, unet=unet, vae=vae,
-                              scheduler=scheduler, name="random-sd14")
+    cfg = offline.configs("sd1", "full" if a.size == "sd14" else "tiny", latent=a.latent)
+    parts = offline.build(cfg, vae=vae)
+    from diffusers import DDIMScheduler
+    parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config)
+    return family.assemble(parts, "random-sd14", a.device)
 
 
 def count_forwards(unet):

@@ -1,10 +1,12 @@
-"""Algorithm 2 (Adversarial Erasure Training) and its baselines, on any SD-1.x checkpoint.
+"""Algorithm 2 (Adversarial Erasure Training) and its baselines, on any SD-1.x, SD-2.x or SDXL
+checkpoint (family.py knows the families; nothing here asks which one it is).
 
     python erase.py --concept "garbage truck"                          # EAP, cross-attention (ESD-x)
     python erase.py --concept "nudity" --train_method noxattn --K 50   # Section 5.2
-    python erase.py --concept "cassette player, church, garbage truck, parachute, french horn"
+    python erase.py --concept "garbage truck" --model stabilityai/stable-diffusion-xl-base-1.0
 
-Methods (--method):
+Methods (--method), and what differs between them (`preserved`, `target_concept`,
+`sampled_concept`, `sampler`, the one place that says it):
 - eap:   Eq. 5, L1 + lambda L2 with c_a = G(pi) R found by Algorithm 1 (search.py);
 - esd:   Eq. 3, naive erasure, no preservation;
 - fixed: Eq. 4 with one fixed c_a = --preserve (Fig. 1b: "", "lexus", "road");
@@ -16,10 +18,11 @@ Methods (--method):
          of every cross-attention key and value projection (uce.py).
 
 literal.py transcribes the same loop the slow obvious way (two UNets, unbatched forwards);
-tests/test_literal.py proves the two equal on the same random draws.
+tests/test_literal.py proves the two equal on the same random draws, on every family.
 
 Writes to --out: weights.safetensors (the trained UNet parameters only, under the UNet's own
-names), config.json (the resolved settings) and log.jsonl (one line per model update).
+names, the family in its metadata), config.json (the resolved settings) and log.jsonl (one line
+per model update).
 """
 import argparse
 import json
@@ -28,25 +31,24 @@ import time
 import warnings
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.func import functional_call
 from tqdm import trange
 
+import checkpoint
 import search
 import uce
 from cli import UsageError, default_device, one_line_errors, run_cli
+from family import SD14, ddim, empty, encode, eps, load_model
 from losses import L1, L2, erase_target, in_space, total
-from sample import SD14, ddim, encode, load_model
+from params import TRAIN_METHODS, frozen, low_precision, split
 
-RESUME = "resume.state"  # safetensors format; a different suffix keeps one *.safetensors in --out
+METHODS = ("eap", "esd", "fixed", "age", "uce", "ca")
 
 
 def parse_args(argv=None):
-    p = one_line_errors(argparse.ArgumentParser(description="Erase concepts from an SD-1.x UNet."))
+    p = one_line_errors(argparse.ArgumentParser(description="Erase concepts from an SD-1.x, SD-2.x or SDXL UNet."))
     p.add_argument("--model", default=SD14, help="hub id, diffusers folder, or 'toy'")
     p.add_argument("--concept", required=True, help="concept(s) to erase, comma-separated: E")
-    p.add_argument("--method", default="eap", choices=["eap", "esd", "fixed", "age", "uce", "ca"])
+    p.add_argument("--method", default="eap", choices=METHODS)
     p.add_argument("--preserve", help="fixed: c_a (\"\" is the empty concept); uce: the concepts "
                                       "to preserve, comma-separated (optional)")
     # UCE (Gandikota et al. 2024): a closed-form edit of every attn2.to_k / to_v (uce.py)
@@ -55,13 +57,17 @@ def parse_args(argv=None):
     p.add_argument("--uce_lambda", type=float, default=None, help="uce: lambda (uce.py's default)")
     p.add_argument("--erase_scale", type=float, default=None, help="uce: weight of the erased terms")
     p.add_argument("--preserve_scale", type=float, default=None, help="uce: lambda_p")
+    p.add_argument("--uce_tokens", default="tail", choices=["tail", "last"],
+                   help="uce: the rows fitted: from each prompt's last token to the end (UCE's 2023 "
+                        "script) or its last token alone (its 2025 script)")
+    p.add_argument("--uce_no_empty", action="store_true", help="uce: do not preserve \"\" (2025 script)")
     # Concept Ablation (Kumari et al. 2023, model-based): c_e's noise prediction moves to the anchor's
     p.add_argument("--anchor", help="ca: the anchor concept c*, one for all or one per --concept "
                                     "(default: a multi-word concept's last word, 'garbage truck' -> 'truck')")
     p.add_argument("--ca_target", default="frozen", choices=["frozen", "trained"],
                    help="ca: the anchor's prediction from the frozen model (the objective CA derives) "
                         "or from the model being trained, under no_grad (CA's published code)")
-    p.add_argument("--train_method", default="xattn", choices=["xattn", "noxattn", "full"])
+    p.add_argument("--train_method", default="xattn", choices=TRAIN_METHODS)
     # Section 5 / Appendix B.1: 1000 steps, batch 1, Adam, lr 1e-5, lambda 1, K 100 (50 nudity)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -90,11 +96,17 @@ def parse_args(argv=None):
     # z_t as the published code: DDIM from noise with the model being trained, guidance 3
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--start_guidance", type=float, default=3.0)
+    p.add_argument("--sampler", default=None, choices=["trained", "frozen"],
+                   help="the model z_t is sampled with: the one being trained (EAP's and ESD's 2023 "
+                        "code, the default) or the frozen original (ESD's current code; CA always)")
     p.add_argument("--timestep", default="matched", choices=["matched", "published"],
                    help="matched: the UNet is queried at the timestep z_t sits at; published: "
                         "the published sampler's stop and timestep band (see `when`)")
     p.add_argument("--negative_guidance", type=float, default=0.0, help="eta_neg (code: 1)")
     p.add_argument("--loss_space", default="eps", choices=["eps", "x0"], help="code: x0")
+    p.add_argument("--empty", default="encoded", choices=["encoded", "zeros"],
+                   help="c_n, the empty concept: \"\" encoded (EAP's c_n; ESD's SDXL code) or zeros "
+                        "(diffusers' SDXL unconditional, force_zeros_for_empty_prompt)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="bf16: the no-grad DDIM sampling of z_t and z_r under bf16 autocast; the "
                         "loss forwards stay fp32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -128,6 +140,9 @@ def parse_args(argv=None):
             args.anchors = [c.split()[-1] for c in args.concepts]
         if args.negative_guidance:
             raise UsageError("--negative_guidance is ESD's target; ca's target is the anchor's prediction")
+        if args.sampler == "trained":
+            raise UsageError("--method ca samples the anchor's images with the original model (--sampler frozen)")
+    args.sampler = args.sampler or ("frozen" if args.method == "ca" else "trained")
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
@@ -143,11 +158,49 @@ def per_concept(value, concepts, flag):
     return items * len(concepts) if len(items) == 1 else items
 
 
+# ---------------------------------------------------------------------------- what differs between methods
 def searched(args):
     """Whether c_a comes from Algorithm 1 (eap, age)."""
     return args.method in ("eap", "age")
 
 
+def preserved(args, S, C, d):
+    """This update's preserved concept c_a and its draw: one draw of G(pi) R (Algorithm 1: eap,
+    age), the fixed --preserve (fixed), or none (esd, ca: no L2)."""
+    if searched(args):
+        drawn = search.draw(S[d.i], args, d.g)
+        return drawn["c_a"], drawn
+    return C.fixed, None
+
+
+def target_concept(args, C, i, c_a):
+    """The concept whose frozen prediction L1 aims at: c_n (Eq. 3), AGE's c_t = c_a, CA's anchor."""
+    return {"age": c_a, "ca": C.anchor[i:i + 1] if C.anchor is not None else None}.get(args.method, C.n)
+
+
+def sampled_concept(args, C, i):
+    """The concept z_t is sampled with: c_e, or (CA) its anchor c*, whose images CA trains on."""
+    return C.anchor[i:i + 1] if args.method == "ca" else C.e[i:i + 1]
+
+
+def sampler(args, m, theta, theta_prime, low):
+    """The eps function z_t and z_r are sampled with: theta' as it is now, or theta (--sampler
+    frozen; CA), in bf16 copies when sampling runs in bf16 (low: the frozen ones, made once)."""
+    values = dict(theta) if args.sampler == "frozen" else {}
+    if low:
+        values |= low["fixed"] | (low["theta"] if args.sampler == "frozen" else low_precision(m.unet, theta_prime))
+    return lambda z, t, c: eps(m, z, t, c, values or None)
+
+
+def concepts(m, args):
+    """Every text embedding, computed once: c_e for each erased concept, c_n, the fixed c_a, the
+    anchors; (n, L, D) each."""
+    return argparse.Namespace(e=encode(m, args.concepts), n=empty(m, args.empty == "zeros"),
+                              fixed=encode(m, [args.preserve]) if args.method == "fixed" else None,
+                              anchor=encode(m, args.anchors) if args.method == "ca" else None)
+
+
+# ---------------------------------------------------------------------------- the random draws, the timesteps
 def draws(gen, args, n_concepts, shape, T=1000):
     """Every random draw of one model update, in one fixed order: the index i of c_e ~ E, z_T,
     t_enc ~ U{0..ddim_steps-1}, the Gumbel noise g of G(pi) (K values), and for --timestep
@@ -179,183 +232,92 @@ def when(args, ts, d):
     return min(n, n + 1 - d.t_enc), d.t, ts[n - 1 - d.t_enc]
 
 
-def trained_parameter_names(unet, train_method):
-    """ESD-x (xattn): names containing attn2, the cross-attention. ESD-u (noxattn): all but
-    attn2, the time embedding and the output layer (conv_norm_out, conv_out). full: all."""
-    names = [n for n, _ in unet.named_parameters()]
-    if train_method == "xattn":
-        return [n for n in names if "attn2" in n]
-    if train_method == "noxattn":
-        return [n for n in names if not ("attn2" in n or n.startswith(("time_embedding", "conv_out", "conv_norm_out")))]
-    return names
+def batched(model, pairs, t):
+    """One UNet forward for a list of (z, c) pairs: the outputs, one per pair."""
+    return model(torch.cat([z for z, _ in pairs]), t, torch.cat([c for _, c in pairs])).chunk(len(pairs))
 
 
-def frozen(unet, theta):
-    """eps_theta: the UNet with the original values theta of the trained subset swapped in."""
-    def eps_theta(z, t, c):
-        # Gradient checkpointing recomputes a forward during backward, by then with theta' back
-        # in place: a forward that backward goes through (pi's gradient, --pi_grad both) runs
-        # without it. (diffusers checkpoints only where grad is enabled.)
-        ckpt = unet.is_gradient_checkpointing and torch.is_grad_enabled()
-        if ckpt:
-            unet.disable_gradient_checkpointing()
-        try:
-            return functional_call(unet, theta, (z, t), {"encoder_hidden_states": c}).sample
-        finally:
-            if ckpt:
-                unet.enable_gradient_checkpointing()
-    return eps_theta
-
-
-def matmul_parameters(unet):
-    """Names of the Linear and Conv weights and biases: the parameters that autocast casts to
-    bf16 at every call (norms run in fp32 under autocast and keep their fp32 parameters)."""
-    return [f"{name}.{pn}" if name else pn for name, mod in unet.named_modules()
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) for pn, _ in mod.named_parameters(recurse=False)]
-
-
-def low_precision(unet, values, dtype=torch.bfloat16):
-    """{name: value cast to dtype} for the matmul parameters among `values` (name -> tensor)."""
-    return {n: values[n].detach().to(dtype) for n in matmul_parameters(unet) if n in values}
-
-
-def as_module(eps):
-    """A function eps(z, t, c) in the calling convention of a diffusers UNet (for sample.ddim)."""
-    def call(z, t, encoder_hidden_states):
-        return argparse.Namespace(sample=eps(z, t, encoder_hidden_states))
-    return call
-
-
-def flatten(prefix, opt):
-    """An optimiser's state as flat tensors (safetensors holds tensors only)."""
-    return {f"{prefix}.{i}.{k}": v.detach().cpu().contiguous()
-            for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
-
-
-def unflatten(prefix, opt, tensors, device):
-    sd = opt.state_dict()
-    sd["state"] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            i, k = key[len(prefix) + 1:].split(".", 1)
-            sd["state"].setdefault(int(i), {})[k] = v if k == "step" else v.to(device)
-    opt.load_state_dict(sd)
-
-
-def save_atomic(tensors, path, metadata=None):
-    """Write to a temporary file, then rename: a half-written file is never taken for a whole one."""
-    save_file(tensors, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)
-
-
+# ---------------------------------------------------------------------------- Algorithm 2
 def main(argv=None, m=None):
-    """Algorithm 2. `m` (sample.load_model's result) skips loading: bench.py passes its own."""
+    """Algorithm 2, with Algorithm 1 inside it. `m` (family.load_model's result) skips loading:
+    bench.py and the toy benchmark pass their own."""
     args = parse_args(argv)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device here")
     m = m or load_model(args.model, device, vae=False)  # training never decodes
     if args.method == "uce":
-        return closed_form(args, m)
+        return uce.write(m, args)
     unet = m.unet
     if device == "cpu" and sum(p.numel() for p in unet.parameters()) > 1e8:
         warnings.warn("running a full-size UNet on the CPU: impractically slow (about a minute "
                       "per forward+backward); use a CUDA GPU, or --model toy")
-    # Precision: L2 is the difference of two nearly equal UNet outputs, which bf16 rounding
-    # swamps, so every forward that a loss or a gradient sees runs in fp32; only the no-grad
-    # DDIM sampling of z_t and z_r may run under bf16 autocast (README: the measured effect).
-    bf16 = args.precision == "bf16"
-    sampling_amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
-
     # theta' = the trained subset of the UNet; theta = a copy of its original values only. The
     # frozen eps_theta is the same UNet with theta swapped in: no second UNet in memory.
-    names = set(trained_parameter_names(unet, args.train_method))
-    theta_prime = {n: p for n, p in unet.named_parameters() if n in names}
-    for p in theta_prime.values():
-        p.requires_grad_(True)
-    theta = {n: p.detach().clone() for n, p in theta_prime.items()}
+    theta_prime, theta = split(unet, args.train_method)
+    eps_theta = frozen(m, theta)  # the original model
+
+    def eps_theta_prime(z, t, c):  # the model being trained
+        return eps(m, z, t, c)
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in training mode; SD's UNet has no dropout
-    # Autocast caches the bf16 cast of a parameter that requires grad for the length of its
-    # context, but casts every frozen one again at every call: the frozen parameters' bf16
-    # copies are made here, once (theta': once per update; theta, for CA's sampler: once).
-    # Autocast sees bf16 weights and casts nothing: the same arithmetic, bit for bit.
-    if bf16:
-        fixed_low = low_precision(unet, {n: p for n, p in unet.named_parameters() if n not in names})
-        theta_low = low_precision(unet, theta)
+    # Precision: L2 is the difference of two nearly equal UNet outputs, which bf16 rounding
+    # swamps, so every forward that a loss or a gradient sees runs in fp32; only the no-grad
+    # DDIM sampling of z_t and z_r may run under bf16 autocast (README: the measured effect).
+    # Autocast casts every frozen weight again at every call: their bf16 copies are made once.
+    bf16 = args.precision == "bf16"
+    sampling_amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
+    low = dict(fixed=low_precision(unet, {n: p for n, p in unet.named_parameters() if n not in theta}),
+               theta=low_precision(unet, theta)) if bf16 else None
     if args.compile:
         unet.compile(dynamic=False)  # in place: parameter names unchanged for functional_call
 
-    eps_theta = frozen(unet, theta)  # the original model
-
-    def eps_theta_prime(z, t, c):  # the model being trained
-        return unet(z, t, encoder_hidden_states=c).sample
-
-    # Text embeddings, computed once: c_e for each erased concept, c_n = "", c_a if fixed
-    c_e = encode(m, args.concepts)  # (|E|, 77, D)
-    c_n = encode(m, [""])  # (1, 77, D)
-    c_fixed = encode(m, [args.preserve]) if args.method == "fixed" else None
-    c_anchor = encode(m, args.anchors) if args.method == "ca" else None  # (|E|, 77, D)
-    if searched(args):
+    C = concepts(m, args)  # text embeddings, computed once
+    S = []
+    if searched(args):  # Algorithm 1's state: R embedded once, each c_e's K candidates and pi
         words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
-        R = search.embed_vocab(m, words, args.cache_dir)
-        S = search.new_search(m, words, R, c_e, args, device)  # one pi per erased concept
-        del R
-    m.text_encoder.to("cpu")  # every text embedding is computed: free its memory on the GPU
+        S = search.new_search(m, words, search.embed_vocab(m, words, args.cache_dir), C.e, args, device)
+    for enc in m.text_encoders:
+        enc.to("cpu")  # every text embedding is computed: free its memory on the GPU
     opt = torch.optim.Adam(theta_prime.values(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw, so a resume replays them
     abar = m.scheduler.alphas_cumprod.to(device)
     m.scheduler.set_timesteps(args.ddim_steps)
     ts = m.scheduler.timesteps.tolist()  # DDIM timesteps, noisiest first
-    cfg = unet.config
-    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
     # Only now is anything written: bad input has been refused above.
     os.makedirs(args.out, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "out")}
-    start = resume(args, config, theta_prime, opt, S if searched(args) else [], gen, device)
+    start = checkpoint.resume(args, config, theta_prime, opt, S, gen, device)
     with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+        json.dump(dict(config, family=m.family), f, indent=1)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
 
     bar = trange(start, args.steps, initial=start, total=args.steps, desc=f"{args.method}")
     for k in bar:
         tic = time.perf_counter()
         d = draws(gen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
-        c_e_i = c_e[d.i:d.i + 1]  # c_e ~ E
+        c_e = C.e[d.i:d.i + 1]  # c_e ~ E
         stop, t, t_x0 = when(args, ts, d)
         t = torch.tensor(t, device=device)  # a tensor, as the UNet makes it: compile sees no new constant
-        ab = abar[t_x0]
-        # c_a of this update: one draw of G(pi) R (Algorithm 1), a fixed concept, or none (esd)
-        if searched(args):
-            s = S[d.i]
-            drawn = search.draw(s, args, d.g)
-            c_a = drawn["c_a"]
-        else:
-            c_a = c_fixed
-        # z_t (and z_r, conditioned on this update's c_a): DDIM from the same z_T with the model
-        # being trained, guided by start_guidance, `stop` steps; one batched no-grad loop.
-        # CA: z_t on the frozen model's trajectory for the anchor c* (CA samples anchor images).
-        with_r = c_a is not None
-        conds = torch.cat([c_e_i, c_a]) if with_r else c_e_i
-        values = dict(theta) if args.method == "ca" else {}  # the sampler's parameter values
-        if bf16:
-            values |= fixed_low
-            values |= theta_low if args.method == "ca" else low_precision(unet, theta_prime)
-        sampler = as_module(frozen(unet, values)) if values else unet
-        if args.method == "ca":
-            conds = c_anchor[d.i:d.i + 1]
+        c_a, drawn = preserved(args, S, C, d)  # Algorithm 1's draw, the fixed concept, or none
+
+        # z_t (and z_r, with this update's c_a): DDIM from the same z_T, guided by start_guidance
+        # with c_n, `stop` steps, one batched no-grad loop (CA: z_t from its anchor)
+        conds = torch.cat([sampled_concept(args, C, d.i)] + ([c_a] if c_a is not None else []))
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad(), sampling_amp:
-            zs, _ = ddim(sampler, m.scheduler, d.z_T.to(device, unet.dtype).expand(len(conds), -1, -1, -1), conds,
-                         c_n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop)
+            zs, _ = ddim(sampler(args, m, theta, theta_prime, low), m.scheduler,
+                         d.z_T.to(device, unet.dtype).expand(len(conds), -1, -1, -1), conds,
+                         C.n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop)
         zs = zs.to(unet.dtype)  # back from bf16 sampling
-        z, z_r = zs[:1], (zs[1:] if with_r else zs[:1])
+        z, z_r = zs[:1], zs[1:]
 
-        def sp(eps, zz):  # eps (printed) or predicted x0 (published code)
-            return in_space(eps, zz, ab, args.loss_space)
+        def sp(e, zz):  # eps (printed) or predicted x0 (published code)
+            return in_space(e, zz, abar[t_x0], args.loss_space)
 
         # Algorithm 1: N_iter ascent steps on pi, maximising L2 on z_r at this update's c_a
         if searched(args):
@@ -368,29 +330,21 @@ def main(argv=None, m=None):
                 return L2(sp(eps_theta_prime(z_r, t, c), z_r), sp(eps_a, z_r))
             scale = z_r.numel() if args.pi_optim == "sgd" else 1.0
             for _ in range(args.n_iter):
-                search.ascend(s, l2_of, drawn, args, scale)
+                search.ascend(S[d.i], l2_of, drawn, args, scale)
 
-        # Algorithm 2, outer min: the frozen forwards in one batch, the trained ones in another.
-        # Frozen: the target's concept (c_n; AGE: c_t = c_a), c_e where negative guidance needs
-        # it, and c_a on z_r for L2.
-        frozen_in = [(z, c_a if args.method == "age" else c_n)]
-        if args.method == "ca":  # CA's target: the anchor's prediction on the same z_t
-            frozen_in = [(z, c_anchor[d.i:d.i + 1])]
-        if args.negative_guidance:
-            frozen_in.append((z, c_e_i))
-        if with_r:
-            frozen_in.append((z_r, c_a))
-        trained_in = [(z, c_e_i)] + ([(z_r, c_a)] if c_a is not None else [])
-        with torch.no_grad():
-            target_model = eps_theta_prime if args.ca_target == "trained" and args.method == "ca" else eps_theta
-            out = eps_theta_of(target_model, frozen_in, t).chunk(len(frozen_in))
-        eps_n, eps_e = out[0], (out[1] if args.negative_guidance else None)
-        eps_a = out[-1] if with_r else None  # esd, ca: no L2
-        eps_p = eps_theta_of(eps_theta_prime, trained_in, t).chunk(len(trained_in))
-        # Eq. 3 target (eta_neg = 0), the published code's negative guidance, or (ca) the anchor's
-        target = erase_target(eps_n, eps_e, args.negative_guidance)
+        # Algorithm 2, outer min over theta': the frozen forwards in one batch (L1's target
+        # concept, c_e where negative guidance needs it, c_a on z_r for L2), the trained in another
+        frozen_in = [(z, target_concept(args, C, d.i, c_a))] + ([(z, c_e)] if args.negative_guidance else []) \
+            + ([(z_r, c_a)] if c_a is not None else [])
+        trained_in = [(z, c_e)] + ([(z_r, c_a)] if c_a is not None else [])
+        with torch.no_grad():  # CA's code takes its target from the model being trained
+            out = batched(eps_theta_prime if args.ca_target == "trained" and args.method == "ca" else eps_theta,
+                          frozen_in, t)
+        eps_p = batched(eps_theta_prime, trained_in, t)
+        # Eq. 3's target (eta_neg = 0), the published code's negative guidance, AGE's c_t, CA's anchor
+        target = erase_target(out[0], out[1] if args.negative_guidance else None, args.negative_guidance)
         l1 = L1(sp(eps_p[0], z), sp(target, z))
-        l2 = L2(sp(eps_p[1], z_r), sp(eps_a, z_r)) if c_a is not None else torch.zeros((), device=device)
+        l2 = L2(sp(eps_p[1], z_r), sp(out[-1], z_r)) if c_a is not None else torch.zeros((), device=device)
         loss = total(l1, l2, args.lam)  # Eq. 4/5: L1 + lambda L2
         if not torch.isfinite(loss):
             raise UsageError(f"the loss became {float(loss)} at step {k}; try a lower --lr")
@@ -399,11 +353,11 @@ def main(argv=None, m=None):
         opt.step()
 
         rec = dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=d.t_enc,
-                   c_e=args.concepts[d.i], c_a=search.drawn(s, drawn, args) if searched(args) else args.preserve)
+                   c_e=args.concepts[d.i], c_a=search.drawn(S[d.i], drawn, args) if searched(args) else args.preserve)
         if args.method == "ca":
             rec["anchor"] = args.anchors[d.i]
         if searched(args) and args.search == "gumbel":
-            rec["pi_argmax"] = search.chosen(s, args)
+            rec["pi_argmax"] = search.chosen(S[d.i], args)
         rec["seconds"] = round(time.perf_counter() - tic, 4)
         if device.startswith("cuda"):  # the update's peak, sampling included
             rec["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
@@ -411,86 +365,9 @@ def main(argv=None, m=None):
         bar.set_postfix(l1=f"{rec['l1']:.4f}", l2=f"{rec['l2']:.4f}", c_a=rec["c_a"])
         if args.save_every and (k + 1) % args.save_every == 0 and k + 1 < args.steps:
             log.flush()
-            checkpoint(args, k + 1, theta_prime, opt, S if searched(args) else [], gen)
+            checkpoint.save(args.out, k + 1, theta_prime, opt, S, gen)
     log.close()
-    weights = os.path.join(args.out, "weights.safetensors")
-    save_atomic({n: p.detach().cpu().contiguous() for n, p in theta_prime.items()}, weights,
-                metadata={"model": str(args.model), "method": args.method, "concept": args.concept})
-    if os.path.exists(os.path.join(args.out, RESUME)):
-        os.remove(os.path.join(args.out, RESUME))
-    print(json.dumps({"wrote": weights, "parameters": sum(p.numel() for p in theta_prime.values())}))
-    return weights
-
-
-UCE_SETTINGS = ("model", "concept", "concepts", "method", "guide", "preserve", "uce_lambda",
-                "erase_scale", "preserve_scale", "device")
-
-
-def closed_form(args, m):
-    """UCE: no loop. The edited attn2 to_k / to_v weights, config.json (UCE's settings, its
-    defaults resolved) and log.jsonl (one line), as the trained methods write them."""
-    edited, info = uce.run(m, args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump({k: getattr(args, k) for k in UCE_SETTINGS}, f, indent=1)
-    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-        f.write(json.dumps(info) + "\n")
-    weights = os.path.join(args.out, "weights.safetensors")
-    save_atomic({n: w.cpu().contiguous() for n, w in edited.items()}, weights,
-                metadata={"model": str(args.model), "method": "uce", "concept": args.concept})
-    print(json.dumps({"wrote": weights, "parameters": sum(w.numel() for w in edited.values())}))
-    return weights
-
-
-def eps_theta_of(model, pairs, t):
-    """One UNet forward for a list of (z, c) pairs, batched: (len(pairs), C, H, W)."""
-    return model(torch.cat([z for z, _ in pairs]), t, torch.cat([c for _, c in pairs]))
-
-
-def checkpoint(args, step, theta_prime, opt, S, gen):
-    """Everything a resume needs: theta', Adam's state, each pi with its optimiser, the RNG."""
-    tensors = {f"theta.{n}": p.detach().cpu().contiguous() for n, p in theta_prime.items()}
-    tensors.update(flatten("opt", opt))
-    for j, s in enumerate(S):
-        tensors[f"pi.{j}"] = s["x"].detach().cpu().contiguous()
-        tensors.update(flatten(f"piopt{j}", s["opt"]))
-    tensors["rng"] = gen.get_state()
-    save_atomic(tensors, os.path.join(args.out, RESUME), metadata={"step": str(step)})
-
-
-def resume(args, config, theta_prime, opt, S, gen, device):
-    """Restore a checkpoint written with the same settings; return the step to go on from."""
-    path = os.path.join(args.out, RESUME)
-    logpath = os.path.join(args.out, "log.jsonl")
-    if not args.resume:
-        if os.path.isfile(path):
-            raise UsageError(f"{args.out} holds the checkpoint of an unfinished run: add --resume to "
-                             f"go on from it, or delete {path} (or choose another --out) to start over")
-        if os.path.exists(logpath):
-            os.remove(logpath)  # a finished run's log: this run starts over
-        return 0
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume: no checkpoint in {args.out} (written with --save_every)")
-    old = json.load(open(os.path.join(args.out, "config.json")))
-    changed = [k for k in config if k != "steps" and old.get(k) != config[k]]
-    if changed:
-        raise UsageError(f"--resume with other settings than the checkpoint's: {', '.join(changed)}")
-    with safe_open(path, "pt") as f:
-        step = int(f.metadata()["step"])
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    with torch.no_grad():
-        for n, p in theta_prime.items():
-            p.copy_(tensors[f"theta.{n}"])
-        for j, s in enumerate(S):
-            s["x"].copy_(tensors[f"pi.{j}"])
-    unflatten("opt", opt, tensors, device)
-    for j, s in enumerate(S):
-        unflatten(f"piopt{j}", s["opt"], tensors, device)
-    gen.set_state(tensors["rng"])
-    lines = open(logpath).readlines()[:step] if os.path.exists(logpath) else []
-    with open(logpath, "w") as f:  # drop what was logged after the checkpoint
-        f.writelines(lines)
-    return step
+    return checkpoint.save_weights(args, m.family, {n: p.detach() for n, p in theta_prime.items()})
 
 
 if __name__ == "__main__":

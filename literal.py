@@ -32,17 +32,20 @@ from einops import einsum
 
 import erase
 import search
+from params import trained_parameter_names
+from checkpoint import save_atomic
 from cli import run_cli
-from sample import encode, load_model, sample_from
+from family import empty, encode, encode_ids, eps, load_model, tokenize
+from sample import sample_from
 
 
-def sample_z(unet, z, c, c_n, args, scheduler, t_enc):
+def sample_z(m, unet, z, c, c_n, args, t_enc):
     """DDIM (eta 0) from z = z_T with guidance start_guidance, as the published sampler runs
     it: the index counts down from n - 1, and the step at `index` takes z from timestep
     ts[index] to ts[index - 1] (to abar_final below index 0). The published sampler stops
     after the step whose index + 1 == t_enc (t_enc = 0: never); --timestep matched runs
     t_enc steps."""
-    n = args.ddim_steps
+    n, scheduler = args.ddim_steps, m.scheduler
     ts = scheduler.timesteps.flip(0).tolist()  # ascending: 1, 21, ..., 981 for n = 50
     abar = scheduler.alphas_cumprod.to(z.device)
     for index in reversed(range(n)):
@@ -50,13 +53,13 @@ def sample_z(unet, z, c, c_n, args, scheduler, t_enc):
             break
         t = ts[index]
         with torch.no_grad():
-            eps_u = unet(z, t, encoder_hidden_states=c_n).sample
-            eps_c = unet(z, t, encoder_hidden_states=c).sample
-        eps = eps_u + args.start_guidance * (eps_c - eps_u)
+            eps_u = eps(m, z, t, c_n, unet=unet)  # epsilon whatever the UNet predicts (family.py)
+            eps_c = eps(m, z, t, c, unet=unet)
+        e = eps_u + args.start_guidance * (eps_c - eps_u)
         a_t = abar[t]
         a_prev = abar[ts[index - 1]] if index > 0 else scheduler.final_alpha_cumprod.to(z.device)
-        x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        x0 = (z - (1 - a_t).sqrt() * e) / a_t.sqrt()
+        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
         if args.timestep == "published" and index + 1 == t_enc:
             break
     return z
@@ -79,10 +82,10 @@ def erase_literally(m, unet_orig, args, resample=False):
     device = args.device
     unet = m.unet  # theta', trained
     unet_orig.requires_grad_(False)  # theta, frozen
-    names = set(erase.trained_parameter_names(unet, args.train_method))
+    names = set(trained_parameter_names(unet, args.train_method))
     theta_prime = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in names]
     opt = torch.optim.Adam(theta_prime, lr=args.lr)
-    c_e, c_n = encode(m, args.concepts), encode(m, [""])
+    c_e, c_n = encode(m, args.concepts), empty(m, args.empty == "zeros")
     c_fixed = encode(m, [args.preserve]) if args.method == "fixed" else None
     c_anchor = encode(m, args.anchors) if args.method == "ca" else None  # Concept Ablation's c*
     S = []
@@ -95,12 +98,16 @@ def erase_literally(m, unet_orig, args, resample=False):
     m.scheduler.set_timesteps(args.ddim_steps)
     cfg = unet.config
     shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    sampler = unet_orig if args.sampler == "frozen" else unet  # --sampler (CA: frozen)
+
+    def e(net, z, t, c):  # epsilon of UNet net (v-prediction converted, SDXL's pooled row: family.eps)
+        return eps(m, z, t, c, unet=net)
 
     def mse(a, b):  # || a - b ||^2 as a mean over elements
         return (a - b).pow(2).mean()
 
-    def space(eps, z, ab):  # eps itself, or the x0 it predicts (--loss_space x0)
-        return eps if args.loss_space == "eps" else (z - (1 - ab).sqrt() * eps) / ab.sqrt()
+    def space(e, z, ab):  # eps itself, or the x0 it predicts (--loss_space x0)
+        return e if args.loss_space == "eps" else (z - (1 - ab).sqrt() * e) / ab.sqrt()
 
     def gumbel(pi, g):  # G(pi; g) = softmax((pi + g) / tau): hard (straight-through), soft, or soft top-k
         y = ((pi + g.to(device)) / args.tau).softmax(-1)
@@ -139,11 +146,11 @@ def erase_literally(m, unet_orig, args, resample=False):
                 z_T = d.z_T.to(device, unet.dtype)
                 t_encs.append(d.t_enc)
                 if args.method == "ca":  # CA: z_t on the frozen model's trajectory for the anchor
-                    z = sample_z(unet_orig, z_T, c_anchor[d.i:d.i + 1], c_n, args, m.scheduler, d.t_enc)
+                    z = sample_z(m, sampler, z_T, c_anchor[d.i:d.i + 1], c_n, args, d.t_enc)
                 else:
-                    z = sample_z(unet, z_T, c_e_i, c_n, args, m.scheduler, d.t_enc)
+                    z = sample_z(m, sampler, z_T, c_e_i, c_n, args, d.t_enc)
                 if c_a is not None:  # z_r: the same z_T, guided by c_a (AGE: c_t)
-                    z_r = sample_z(unet, z_T, c_a, c_n, args, m.scheduler, d.t_enc)
+                    z_r = sample_z(m, sampler, z_T, c_a, c_n, args, d.t_enc)
 
             if it < iterations - 1:
                 # Algorithm 1: pi <- pi + eta grad_pi || eps_theta'(G(pi) R) - eps_theta(G(pi) R) ||^2,
@@ -153,12 +160,12 @@ def erase_literally(m, unet_orig, args, resample=False):
                 else:
                     y = gumbel(pi, d.g)
                     c = einsum(y_draw + y - y.detach(), R_K, "k, k l d -> l d")[None]
-                e_prime = unet(z_r, t, encoder_hidden_states=c).sample
+                e_prime = e(unet, z_r, t, c)
                 if args.pi_grad == "both":
-                    e_orig = unet_orig(z_r, t, encoder_hidden_states=c).sample
+                    e_orig = e(unet_orig, z_r, t, c)
                 else:
                     with torch.no_grad():
-                        e_orig = unet_orig(z_r, t, encoder_hidden_states=c.detach()).sample
+                        e_orig = e(unet_orig, z_r, t, c.detach())
                 l2 = mse(space(e_prime, z_r, ab), space(e_orig, z_r, ab))
                 scale = z_r.numel() if args.pi_optim == "sgd" else 1.0  # sgd: the printed sum
                 (grad,) = torch.autograd.grad(l2 * scale, pi)
@@ -168,21 +175,20 @@ def erase_literally(m, unet_orig, args, resample=False):
 
             # Algorithm 2: theta' <- theta' - alpha grad [ L1 + lambda L2 ]
             with torch.no_grad():
-                e_n = unet_orig(z, t, encoder_hidden_states=c_a if args.method == "age" else c_n).sample
+                e_n = e(unet_orig, z, t, c_a if args.method == "age" else c_n)
                 target = e_n  # Eq. 3: eps_theta(c_n) (AGE: eps_theta(c_t))
                 if args.method == "ca":  # CA: the anchor's prediction (--ca_target trained: theta')
-                    target = (unet if args.ca_target == "trained" else unet_orig)(
-                        z, t, encoder_hidden_states=c_anchor[d.i:d.i + 1]).sample
+                    target = e(unet if args.ca_target == "trained" else unet_orig, z, t, c_anchor[d.i:d.i + 1])
                 if args.negative_guidance:  # eps(c_n) - eta_neg (eps(c_e) - eps(c_n))
-                    e_e = unet_orig(z, t, encoder_hidden_states=c_e_i).sample
+                    e_e = e(unet_orig, z, t, c_e_i)
                     target = e_n - args.negative_guidance * (e_e - e_n)
                 if c_a is not None:
-                    e_a = unet_orig(z_r, t, encoder_hidden_states=c_a).sample
+                    e_a = e(unet_orig, z_r, t, c_a)
             # Eq. 3 / L1 = || eps_theta'(z, c_e) - target ||^2
-            l1 = mse(space(unet(z, t, encoder_hidden_states=c_e_i).sample, z, ab), space(target, z, ab))
+            l1 = mse(space(e(unet, z, t, c_e_i), z, ab), space(target, z, ab))
             l2 = torch.zeros((), device=device)
             if c_a is not None:  # Eq. 4/5, L2 = || eps_theta'(z_r, c_a) - eps_theta(z_r, c_a) ||^2
-                l2 = mse(space(unet(z_r, t, encoder_hidden_states=c_a).sample, z_r, ab), space(e_a, z_r, ab))
+                l2 = mse(space(e(unet, z_r, t, c_a), z_r, ab), space(e_a, z_r, ab))
             loss = l1 + args.lam * l2  # Eq. 4/5: L1 + lambda L2
             opt.zero_grad()
             loss.backward()
@@ -214,12 +220,10 @@ def unlearndiffatk(m, prompt, seed, z0, gen, judge, s):
     [-1, 1] as p's, Adam with L2 weight decay written out, and the bisection projection; then
     the argmax tokens are generated from and judged. z0: (1, C, H, W). Returns the result of
     the last timestep tried: its losses (every iteration), adv_ids, success."""
-    tok = m.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    L, k = int((ids[0] == tok.eos_token_id).nonzero()[0, 0]) - 1, s["k"]
-    E = m.text_encoder.get_input_embeddings().weight  # (V, D)
-    V = E.shape[0]
-    p = torch.full((k, V), 1.0 / V, dtype=E.dtype)
+    ids = tokenize(m, [prompt])
+    L, k = int((ids[0] == m.tokenizer.eos_token_id).nonzero()[0, 0]) - 1, s["k"]
+    V = len(m.tokenizer)  # one vocabulary, whatever the number of text encoders
+    p = torch.full((k, V), 1.0 / V, dtype=m.text_encoders[0].dtype)
     mom, var, n = torch.zeros_like(p), torch.zeros_like(p), 0
     b1, b2, adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as the published code uses
     sot, mid, _, rest = ids.split([1, L, k, 76 - L - k], dim=1)
@@ -232,16 +236,16 @@ def unlearndiffatk(m, prompt, seed, z0, gen, judge, s):
             cdf = p.cumsum(-1)
             u = torch.rand(k, 1, generator=gen) * cdf[:, -1:]
             picks = [min(int((cdf[r] <= u[r]).sum()), V - 1) for r in range(k)]  # first index with cdf > u
-            one_hot = torch.zeros(k, V, dtype=E.dtype)
+            one_hot = torch.zeros(k, V, dtype=p.dtype)
             one_hot[range(k), picks] = 1
             one_hot.requires_grad_(True)
-            emb = torch.cat([E[sot[0]], one_hot @ E, E[mid[0]], E[rest[0]]])[None]  # (1, 77, D)
-            hook = m.text_encoder.get_input_embeddings().register_forward_hook(lambda mod, i, o: emb)
-            c = m.text_encoder(adv_ids)[0]
-            hook.remove()
-            eps = torch.randn(z0.shape[1:], generator=gen)[None].to(z0.dtype)
-            z_t = abar[t].sqrt() * z0 + (1 - abar[t]).sqrt() * eps
-            loss = ((eps - m.unet(z_t, torch.tensor([t]), encoder_hidden_states=c).sample) ** 2).mean()
+
+            def tokens(j, E, ids_j):  # encoder j's table E: [SOT | one_hot E | prompt | rest], (1, 77, D_j)
+                return torch.cat([E[ids_j[0, :1]], one_hot @ E, E[ids_j[0, 1 + k:]]])[None]
+            c = encode_ids(m, adv_ids, tokens)
+            noise = torch.randn(z0.shape[1:], generator=gen)[None].to(z0.dtype)
+            z_t = abar[t].sqrt() * z0 + (1 - abar[t]).sqrt() * noise
+            loss = ((noise - eps(m, z_t, torch.tensor([t]), c)) ** 2).mean()
             g = torch.autograd.grad(loss, one_hot)[0].clamp(-1, 1) + s["weight_decay"] * p
             n += 1
             mom = b1 * mom + (1 - b1) * g
@@ -251,8 +255,7 @@ def unlearndiffatk(m, prompt, seed, z0, gen, judge, s):
             losses.append(loss.item())
         adv_ids[0, 1:1 + k] = p.argmax(-1)
         with torch.no_grad():
-            c = m.text_encoder(adv_ids)[0]
-            images, _ = sample_from(m, c, [seed], s["guidance"], s["steps"], encode(m, [""]))
+            images, _ = sample_from(m, encode_ids(m, adv_ids), [seed], s["guidance"], s["steps"], empty(m))
         if judge(images)[0][0]:
             return dict(success=True, timestep=t, losses=losses, adv_ids=adv_ids[0].tolist())
     return dict(success=False, timestep=t, losses=losses, adv_ids=adv_ids[0].tolist())
@@ -272,7 +275,7 @@ def main(argv=None, m=None, unet_orig=None, resample=False):
     with open(os.path.join(args.out, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     weights = os.path.join(args.out, "weights.safetensors")
-    erase.save_atomic({n: p.cpu().contiguous() for n, p in theta_prime.items()}, weights)
+    save_atomic({n: p.cpu().contiguous() for n, p in theta_prime.items()}, weights)
     return weights
 
 

@@ -1,11 +1,10 @@
-"""Model loading, prompt encoding, and the DDIM sampler with classifier-free guidance.
+"""Pictures: the original model beside the erased one, and prompt files into folders of PNGs.
 
-The sampler serves two purposes:
-- Algorithm 2's z_t: DDIM from Gaussian noise, run with the model being trained
-  and stopped after a random number of steps (erase.py calls `ddim(..., stop=t)`);
-- pictures: the full loop, decoded with the VAE, the original model beside the
-  erased one. With the same seed, scheduler and guidance it agrees with diffusers'
-  StableDiffusionPipeline + DDIMScheduler (tests/test_sample.py checks this).
+Any family (family.py: SD-1.x, SD-2.x, SDXL-base) at its native size: the DDIM sampler with
+classifier-free guidance, decoded with the VAE. With the same seed, scheduler and guidance it
+agrees with diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline + DDIMScheduler
+(tests/test_sample.py checks this on each family); the unconditional branch is the pipeline's
+own (SDXL-base: zeros, force_zeros_for_empty_prompt; else "" encoded).
 
     python sample.py --prompts "garbage truck, church" --seeds 0 1 2 --weights out/weights.safetensors
     python sample.py --csv imagenette.csv --out_dir gen/erased --weights out/weights.safetensors
@@ -23,121 +22,20 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from cli import UsageError, default_device, one_line_errors, read_csv, run_cli
-
-SD14 = "CompVis/stable-diffusion-v1-4"
-TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "model")
-
-
-def load_model(model=SD14, device="cpu", vae=True):
-    """Tokenizer, text encoder, UNet, VAE (None for a pixel-space model, or when vae=False:
-    erase.py trains without decoding) and DDIM scheduler of an SD-1.x checkpoint: a hub id,
-    a local diffusers folder, or "toy" (toy.py's model). Only safetensors are read, always
-    as float32 (fp16-stored derivatives included). The scheduler's config is read first:
-    a v-prediction model is refused before any weights are loaded (Section 3: SD-1.x
-    predicts epsilon). Everything is frozen; erase.py chooses what to train."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    path = TOY if model == "toy" else model
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise UsageError(f"{model} is not a diffusers folder (no model_index.json)")
-    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise UsageError(f"model {model} does not exist (give a hub id or a diffusers folder)")
-    try:
-        index = DiffusionPipeline.load_config(path)
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")  # config only
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise UsageError(f"could not load {model}: {str(e).splitlines()[0]}") from None
-    if scheduler.config.prediction_type != "epsilon":
-        raise UsageError(f"{model} predicts {scheduler.config.prediction_type}; SD-1.x predicts epsilon")
-    try:
-        # `dtype` (transformers 5, diffusers 0.42): without it an fp16 checkpoint stays fp16
-        kw = dict(use_safetensors=True, dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        has_vae = vae and index.get("vae", [None])[0] is not None
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw) if has_vae else None
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise UsageError(f"could not load {model}: {str(e).splitlines()[0]}") from None
-    for m in (text_encoder, unet, vae):
-        if m is not None:
-            m.requires_grad_(False).eval().to(device)
-    return argparse.Namespace(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
-                              scheduler=scheduler, name=model)
-
-
-def load_weights(unet, path):
-    """Apply erase.py's output (trained parameters only, under the UNet's own names)."""
-    if not os.path.isfile(path) or not path.endswith(".safetensors"):
-        raise UsageError(f"weights {path} is not a .safetensors file")
-    state = load_file(path)
-    unknown = sorted(set(state) - set(dict(unet.named_parameters())))
-    if unknown:
-        raise UsageError(f"weights {path} do not fit this UNet (e.g. {unknown[0]})")
-    unet.load_state_dict(state, strict=False)
-
-
-@torch.no_grad()
-def encode(m, prompts):
-    """Text embeddings c = tau(prompt): the text encoder's last hidden state, (B, 77, D)."""
-    ids = m.tokenizer(list(prompts), padding="max_length", max_length=m.tokenizer.model_max_length,
-                      truncation=True, return_tensors="pt").input_ids
-    device = m.text_encoder.device
-    return m.text_encoder(ids.to(device))[0]
-
-
-def ddim(unet, scheduler, z, c, c_uncond, guidance, steps, stop=None, progress=False):
-    """DDIM (eta = 0) with classifier-free guidance, from z = z_T for `stop` of `steps` steps
-    (all when None). Returns z_t and t, the timestep z_t is at (what the UNet is queried with).
-    z: (B, C, H, W); c, c_uncond: (B, 77, D)."""
-    scheduler.set_timesteps(steps)
-    abar = scheduler.alphas_cumprod.to(z.device)
-    ts = scheduler.timesteps.tolist()
-    stop = len(ts) if stop is None else stop
-    dtype = getattr(unet, "dtype", z.dtype)  # a UNet cast to fp16 (--precision) gets fp16 inputs;
-    cond = torch.cat([c_uncond, c]).to(dtype)  # z and the update below stay in z's precision
-    for t in tqdm(ts[:stop], desc="DDIM", leave=False, disable=not progress):
-        # classifier-free guidance, one batched forward: eps = eps(c_u) + g (eps(c) - eps(c_u))
-        # t as a tensor (the UNet makes one of an int): torch.compile sees no new constant per step
-        eps_u, eps_c = unet(torch.cat([z, z]).to(dtype), torch.tensor(t, device=z.device), encoder_hidden_states=cond
-                            ).sample.to(z.dtype).chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
-        t_prev = t - scheduler.config.num_train_timesteps // steps
-        a_t = abar[t]
-        a_prev = abar[t_prev] if t_prev >= 0 else scheduler.final_alpha_cumprod.to(z.device)
-        # x0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);  z_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps
-        x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    t_at = ts[stop] if stop < len(ts) else 0
-    return z, t_at
-
-
-def noise(m, n, seed, device):
-    """z_T for seed `seed`: (n, C, H, W), drawn on the CPU so that every device agrees."""
-    cfg = m.unet.config
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(device)
-
-
-@torch.no_grad()
-def decode(m, z):
-    """z_0 -> images in [0, 1], (B, 3, H, W). A pixel-space model (no VAE) samples images directly."""
-    x = z if m.vae is None else m.vae.decode((z / m.vae.config.scaling_factor).to(m.vae.dtype)).sample
-    return (x.float() / 2 + 0.5).clamp(0, 1)
-
+from family import SD14, checked_weights, ddim, decode, empty, encode, eps, load_model, load_weights, noise
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def set_precision(m, precision):
     """Generation's precision: the UNet and the VAE cast once (no autocast re-casting the weights
-    at every step); the text encoder, run once per batch, and the sampler's z stay fp32."""
-    for net in (m.unet, m.vae):
+    at every step); the text encoders, run once per batch, and the sampler's z stay fp32. SDXL's
+    VAE overflows in fp16 (its config says force_upcast, and diffusers' pipeline upcasts it): fp32."""
+    upcast = m.family == "sdxl" and m.vae is not None and m.vae.config.get("force_upcast", False)
+    for net in (m.unet, None if upcast else m.vae):
         if net is not None:
             net.to(PRECISIONS[precision])
 
@@ -145,8 +43,9 @@ def set_precision(m, precision):
 @torch.no_grad()
 def generate(m, prompts, seeds, guidance=7.5, steps=100, batch=8, progress=True, c_uncond=None):
     """One image per (prompt, seed) pair, as uint8 arrays (H, W, 3). The text encoder runs once
-    per batch, on the batch's distinct prompts; c_uncond (the "" embedding) may be passed in."""
-    c_uncond = encode(m, [""]) if c_uncond is None else c_uncond
+    per batch, on the batch's distinct prompts; c_uncond (the pipeline's unconditional) may be
+    passed in."""
+    c_uncond = empty(m) if c_uncond is None else c_uncond
     out = []
     pairs = list(zip(prompts, seeds))
     for i in tqdm(range(0, len(pairs), batch), desc="sampling", disable=not progress):
@@ -159,10 +58,10 @@ def generate(m, prompts, seeds, guidance=7.5, steps=100, batch=8, progress=True,
 
 @torch.no_grad()
 def sample_from(m, c, seeds, guidance, steps, c_uncond):
-    """One batch from text embeddings c (B, 77, D), seed by seed: the images as uint8 arrays
+    """One batch from conditioning values c (B, L, D), seed by seed: the images as uint8 arrays
     (H, W, 3) and z_0 (B, C, H, W), what the VAE decoded them from."""
     z = torch.cat([noise(m, 1, s, m.unet.device) for s in seeds])
-    z, _ = ddim(m.unet, m.scheduler, z, c, c_uncond.expand_as(c), guidance, steps)
+    z, _ = ddim(lambda z, t, c: eps(m, z, t, c), m.scheduler, z, c, c_uncond.expand_as(c), guidance, steps)
     x = rearrange(decode(m, z).float().cpu(), "b c h w -> b h w c")
     return list((x.numpy() * 255).round().astype(np.uint8)), z
 
@@ -234,7 +133,7 @@ def generate_csv(m, args, rows):
     todo = [i for i in range(rank, len(rows), world)
             if not os.path.exists(os.path.join(args.out_dir, f"{i:05d}.png"))]
     steps = args.steps or 100
-    c_uncond = encode(m, [""])
+    c_uncond = empty(m)
     for j in tqdm(range(0, len(todo), args.batch), desc=f"rank {rank}: {len(todo)} images"):
         chunk = todo[j:j + args.batch]
         by_guidance = {}
@@ -258,7 +157,7 @@ def main(argv=None):
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         m = load_model(args.model, args.device)
         if args.weights:
-            load_weights(m.unet, args.weights)
+            load_weights(m, args.weights)
         set_precision(m, args.precision)
         return generate_csv(m, args, rows)
     args.steps = args.steps or 50
@@ -266,8 +165,7 @@ def main(argv=None):
     if not all(prompts):
         raise UsageError("empty prompt in --prompts")
     m = load_model(args.model, args.device)
-    if args.weights and not (os.path.isfile(args.weights) and args.weights.endswith(".safetensors")):
-        raise UsageError(f"weights {args.weights} is not a .safetensors file")
+    erased = checked_weights(m, args.weights) if args.weights else None  # refused before generating
     pairs = [(p, s) for p in prompts for s in args.seeds]
     set_precision(m, args.precision)
 
@@ -277,8 +175,8 @@ def main(argv=None):
         return grid([imgs[i:i + n] for i in range(0, len(imgs), n)], prompts, title)
 
     panels = [panel(f"original: {args.model}")]
-    if args.weights:
-        load_weights(m.unet, args.weights)
+    if erased:
+        m.unet.load_state_dict(erased, strict=False)
         panels.append(panel(f"erased: {os.path.basename(args.weights)}"))
     tmp = args.out + ".tmp.png"
     side_by_side(panels).save(tmp)

@@ -1,8 +1,9 @@
 """Algorithm 1 (Find Adversarial Concept): Gumbel-Softmax search over a concept space R.
 
 Section 4 and Appendix B.1. For each erased concept c_e:
-- R: a word list (`--vocab`), each word's embedding tau(word) computed once: the text
-  encoder's full (77, D) output for the prompt made of that word alone, cached on disk;
+- R: a word list (`--vocab`), each word's embedding tau(word) computed once: the conditioning
+  value of the prompt made of that word alone (family.encode: the text encoder's full (77, D)
+  output; on SDXL both encoders' and the pooled embedding, (78, D)), cached on disk;
 - the K candidates nearest to c_e (`--select similar`: the K most similar by cosine
   similarity, as the paper says; `--select kmeans`: the published code's two stages,
   the `--k_closest` nearest by L2 distance, then 1-D k-means on those distances, keeping
@@ -41,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cli import UsageError
-from sample import encode
+from family import encode
 
 
 def is_lower_word(w):
@@ -75,11 +76,10 @@ def load_vocab(spec, tokenizer, erased=(), keep_erased=False):
 
 
 def embed_vocab(m, words, cache_dir, batch=256):
-    """tau(word) for every word of R: (N, 77, D), fp16 on the CPU. Computed once and cached
-    as safetensors under a key made of the model, its text encoder's weights and R."""
-    w0 = m.text_encoder.get_input_embeddings().weight
-    key = hashlib.sha1("\n".join([str(m.name), f"{float(w0.float().sum()):.6e}", *words])
-                       .encode()).hexdigest()[:16]
+    """tau(word) for every word of R: (N, L, D), fp16 on the CPU. Computed once and cached
+    as safetensors under a key made of the model, its text encoders' weights and R."""
+    sums = [f"{float(e.get_input_embeddings().weight.float().sum()):.6e}" for e in m.text_encoders]
+    key = hashlib.sha1("\n".join([str(m.name), *sums, *words]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"vocab-{key}.safetensors")
     if os.path.isfile(path):
         return load_file(path)["R"]
@@ -124,7 +124,7 @@ def row_chunks(n, row_bytes):
 
 
 def scores(R, target, select):
-    """Each concept of R (N, 77, D) against target (1, 77 D), in float32 a chunk of rows at a
+    """Each concept of R (N, L, D) against target (1, L D), in float32 a chunk of rows at a
     time (Appendix B.1): cosine similarity for "similar", else L2 distance. Peak memory is a
     few chunks, not float32 copies of all of R (3.9 GB in fp16 for SD-1.4's CLIP words);
     the values are those computed over all of R at once."""
@@ -137,7 +137,7 @@ def scores(R, target, select):
 
 
 def candidates(R, c_e, K, select="similar", k_closest=1000):
-    """Indices of the K candidates in R for one erased concept c_e (77, D)."""
+    """Indices of the K candidates in R for one erased concept c_e (L, D)."""
     if K > len(R):
         raise UsageError(f"K = {K} is larger than the vocabulary ({len(R)} concepts)")
     target = rearrange(c_e.float().cpu(), "l d -> 1 (l d)")
@@ -177,7 +177,7 @@ def gumbel_softmax(pi, tau, hard, generator, topk=0):
 
 
 def mix(y, R_K):
-    """c_a = G(pi) R: the mixture of candidate embeddings, (K,) x (K, 77, D) -> (1, 77, D)."""
+    """c_a = G(pi) R: the mixture of candidate embeddings, (K,) x (K, L, D) -> (1, L, D)."""
     return einsum(y, R_K, "k, k l d -> l d")[None]
 
 

@@ -42,10 +42,12 @@ from safetensors.torch import save_file
 import attack
 import erase
 import offline
+import unlearndiffatk
 from cli import UsageError, one_line_errors, run_cli
+from family import TOY, empty, encode, load_model, load_weights
 from oracle import ORACLE, load_oracle, oracle_net, recognise
 from prompts import TOY_COLOURS, TOY_CONCEPTS, TOY_SHAPES
-from sample import TOY, encode, generate, grid, load_model, load_weights, side_by_side
+from sample import generate, grid, side_by_side
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 VOCAB = os.path.join(HERE, "vocab.txt")
@@ -191,7 +193,8 @@ def save_model(folder, tokenizer, text_encoder, unet, scheduler, info):
     written beside `folder`, then renamed over it."""
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    offline.save_pipeline(tmp, tokenizer, text_encoder, unet, None, scheduler)
+    offline.save_pipeline(tmp, dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=None,
+                                    scheduler=scheduler))
     with open(os.path.join(tmp, "train.json"), "w") as f:
         json.dump(info, f, indent=1)
     shutil.rmtree(folder, ignore_errors=True)
@@ -401,7 +404,7 @@ def erase_and_read(job):
         weights = erase.main([*job["argv"], "--out", job["out"]], m=m)
     erase_seconds = time.time() - tic
     m.unet.load_state_dict(theta)
-    load_weights(m.unet, weights)
+    load_weights(m, weights)
     acc, imgs = read_concepts(job)
     attacks = attack_concepts(job) if job["attack"] else None
     m.unet.load_state_dict(theta)
@@ -535,12 +538,12 @@ def attack_settings(args, splits):
     """--attacks: the prompts of each erased concept ("a red circle", --attack_samples seeds), the
     original model's target latents for them, and attack.py's settings scaled down to the toy world."""
     m = _WORKER["m"]
-    settings = dict(k=attack.UDA["k"], iterations=args.attack_iterations, timesteps=args.attack_timesteps,
-                    lr=attack.UDA["lr"], weight_decay=attack.UDA["weight_decay"], eta=args.ringabell_eta,
+    settings = dict(k=unlearndiffatk.UDA["k"], iterations=args.attack_iterations, timesteps=args.attack_timesteps,
+                    lr=unlearndiffatk.UDA["lr"], weight_decay=unlearndiffatk.UDA["weight_decay"], eta=args.ringabell_eta,
                     inversion_steps=args.inversion_steps, inversion_lr=5e-3, inversion_batch=4, init_word="object",
                     guidance=args.guidance, steps=args.sample_steps, batch=args.attack_samples, progress=False)
     rows = {e: [dict(prompt=f"a {e}", seed=s) for s in range(args.attack_samples)] for sp in splits for e in sp["E"]}
-    c_uncond = encode(m, [""])
+    c_uncond = empty(m)
     z0 = {e: attack.images_of(m, r, settings, c_uncond)[1] for e, r in rows.items()}
     return dict(rows=rows, z0=z0, settings=settings, oracle=args.oracle)
 
@@ -685,7 +688,7 @@ def parse_args(argv=None):
     b.add_argument("--attacks", action="store_true", help="ASR before and after attack.py's three attacks")
     b.add_argument("--attack_samples", type=int, default=4, help="seeds of 'a CONCEPT' attacked per erased concept")
     b.add_argument("--attack_timesteps", type=int, default=4, help="unlearndiffatk's timesteps (published: 50)")
-    b.add_argument("--attack_iterations", type=int, default=attack.UDA["iterations"])
+    b.add_argument("--attack_iterations", type=int, default=unlearndiffatk.UDA["iterations"])
     b.add_argument("--ringabell_eta", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0], help="ringabell: strengths of v")
     b.add_argument("--inversion_steps", type=int, default=100, help="inversion's Adam steps (attack.py: 1000)")
     return p.parse_args(argv)

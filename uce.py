@@ -19,14 +19,23 @@ for erasing. It inverts in float32; we solve in float64.
 
     python erase.py --method uce --concept "garbage truck, church"              # guided to ""
     python erase.py --method uce --concept "Kelly Mckernan" --guide art --preserve "Claude Monet"
+
+On every family: SD-1.x (keys 768 wide), SD-2.x (1024), SDXL (its 70 attn2 modules, keys 2048
+wide: both encoders' token states; the pooled embedding reaches no key or value, so it plays no
+part). UCE's 2025 script (trainscripts/uce_sd_erase.py, the one its README now gives, for SD and
+SDXL alike) takes the last token of each prompt alone, does not preserve "" and weighs each
+preserved prompt 1: --uce_tokens last --uce_no_empty --preserve_scale 1.
 """
+import json
+import os
 import time
 
 import torch
 from einops import rearrange
 
+from checkpoint import save_weights
 from cli import UsageError
-from sample import encode
+from family import encode, tokens_of
 
 LAM = 0.5  # lam: train_erase.py's __main__ calls edit_model(..., lamb=0.5) (edit_model's own default: 0.1)
 ERASE_SCALE = 1.0  # lam_e: --erase_scale default 1; it multiplies both erase sums (mat1 and mat2)
@@ -78,14 +87,14 @@ def token_rows(m, concepts, guides, preserve=(), last_only=False):
     rewrite trainscripts/uce_sd_erase.py does (lam 0.5, lam_e 1, lam_p 1, no "" preserved)."""
     c, c_star = [], []
     for concept, guide in zip(concepts, guides):
-        e, g = encode(m, [concept, guide])  # (77, D) each
+        e, g = tokens_of(encode(m, [concept, guide]))  # (77, D) each
         L, G = last_token(m, concept), last_token(m, guide)
         n = 1 if last_only else len(e) - max(L, G)
         c.append(e[L:L + n])
         c_star.append(g[G:G + n])
     if not preserve:
         return torch.cat(c), torch.cat(c_star), None
-    E = encode(m, list(preserve))  # (|P|, 77, D)
+    E = tokens_of(encode(m, list(preserve)))  # (|P|, 77, D)
     if last_only:
         return torch.cat(c), torch.cat(c_star), E[range(len(E)), [last_token(m, p) for p in preserve]]
     return torch.cat(c), torch.cat(c_star), rearrange(E, "p t d -> (p t) d")
@@ -102,8 +111,8 @@ def run(m, args):
         guides = guides * len(concepts)
     if len(guides) != len(concepts):
         raise UsageError(f"--guide has {len(guides)} items: give one, or one per --concept ({len(concepts)})")
-    # train_erase.py preserves '' always: retain_texts = [''] + preserve_concepts
-    preserve = [""] + [p.strip() for p in (args.preserve or "").split(",") if p.strip()]
+    # train_erase.py preserves '' always: retain_texts = [''] + preserve_concepts (2025: not)
+    preserve = [""] * (not args.uce_no_empty) + [p.strip() for p in (args.preserve or "").split(",") if p.strip()]
     both = [p for p in preserve if p.lower() in {c.lower() for c in concepts}]
     if both:
         raise UsageError(f"--preserve names an erased concept: {both[0]}")
@@ -112,15 +121,31 @@ def run(m, args):
     if args.erase_scale is None:
         args.erase_scale = ERASE_SCALE
     if args.preserve_scale is None:
-        args.preserve_scale = default_preserve_scale(len(preserve))
+        args.preserve_scale = default_preserve_scale(max(len(preserve), 1))
     if args.uce_lambda < 0 or args.erase_scale <= 0 or args.preserve_scale < 0:
         raise UsageError("--uce_lambda and --preserve_scale must be >= 0, --erase_scale > 0")
-    c, c_star, c_pres = token_rows(m, concepts, guides, preserve)
+    c, c_star, c_pres = token_rows(m, concepts, guides, preserve, last_only=args.uce_tokens == "last")
     weights = {n: p.detach() for n, p in m.unet.named_parameters() if n.endswith(EDITED)}
     try:
         edited = edit(weights, c, c_star, c_pres, args.uce_lambda, args.erase_scale, args.preserve_scale)
     except torch.linalg.LinAlgError:
         raise UsageError("the UCE system is singular: use --uce_lambda > 0") from None
-    info = dict(edited=len(edited), erase_rows=len(c), preserve_rows=len(c_pres),
+    info = dict(edited=len(edited), erase_rows=len(c), preserve_rows=0 if c_pres is None else len(c_pres),
                 seconds=round(time.perf_counter() - tic, 3))
     return edited, info
+
+
+SETTINGS = ("model", "concept", "concepts", "method", "guide", "preserve", "uce_lambda", "erase_scale",
+            "preserve_scale", "uce_tokens", "uce_no_empty", "device")
+
+
+def write(m, args):
+    """erase.py --method uce: no loop. The edited attn2 to_k / to_v weights, config.json (UCE's
+    settings, its defaults resolved) and log.jsonl (one line), as the trained methods write them."""
+    edited, info = run(m, args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(dict({k: getattr(args, k) for k in SETTINGS}, family=m.family), f, indent=1)
+    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+        f.write(json.dumps(info) + "\n")
+    return save_weights(args, m.family, edited)

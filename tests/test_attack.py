@@ -11,8 +11,9 @@ import torch
 import attack
 import literal
 import oracle
+import unlearndiffatk
 from cli import UsageError
-from sample import encode, load_model
+from family import encode, encode_ids, load_model, tokenize
 
 
 
@@ -35,14 +36,14 @@ def test_projection_is_the_euclidean_projection_onto_the_simplex():
     g = torch.Generator().manual_seed(0)
     u = torch.randn(3, 5, 6000, generator=g, dtype=torch.float64) * 0.01 + 1 / 6000
     u[0, 0, :10] += 0.5  # one row nearly decided, as after some attack steps
-    p = attack.project_simplex(u, K=64)  # most rows need more than 64 entries: the full sort
+    p = unlearndiffatk.project_simplex(u, K=64)  # most rows need more than 64 entries: the full sort
     assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(3, 5, dtype=torch.float64))
     ref = torch.stack([literal.simplex_bisection(row) for row in u.reshape(-1, 6000)]).reshape(u.shape)
     assert (p - ref).abs().max() < 1e-10  # the published bisection's answer
     # the top-K shortcut gives the full sort's answer (a row with few survivors uses it)
     v = u.clone()
     v[..., :20] += 1.0
-    assert (attack.project_simplex(v, K=64) - attack.project_simplex(v, K=6000)).abs().max() < 1e-12
+    assert (unlearndiffatk.project_simplex(v, K=64) - unlearndiffatk.project_simplex(v, K=6000)).abs().max() < 1e-12
     # optimality: no other point of the simplex is closer (random feasible points)
     q = torch.rand(100, 6000, generator=g, dtype=torch.float64)
     q = q / q.sum(-1, keepdim=True)
@@ -55,7 +56,7 @@ def test_drawn_tokens_are_valid_ids_with_the_distributions_frequencies():
     p[0, [5, 7]] = torch.tensor([0.25, 0.75], dtype=torch.float64)
     p[1, V - 1] = 1.0  # the last id: the search must not run past the table
     g = torch.Generator().manual_seed(0)
-    picks = torch.stack([attack.draw_tokens(p, g) for _ in range(4000)])  # (4000, 2)
+    picks = torch.stack([unlearndiffatk.draw_tokens(p, g) for _ in range(4000)])  # (4000, 2)
     assert ((picks >= 0) & (picks < V)).all()
     assert set(picks[:, 0].tolist()) == {5, 7} and (picks[:, 1] == V - 1).all()
     assert abs((picks[:, 0] == 7).double().mean().item() - 0.75) < 0.03
@@ -64,35 +65,35 @@ def test_drawn_tokens_are_valid_ids_with_the_distributions_frequencies():
 def test_straight_through_gradient_is_the_clipped_one_hot_gradient():
     p = torch.full((1, 2, 4), 0.25, dtype=torch.float64, requires_grad=True)
     w = torch.tensor([[[3.0, -0.5, 0.2, -7.0], [0.1, 2.0, -2.0, 0.0]]], dtype=torch.float64)
-    one_hot = attack.DrawToken.apply(p, [torch.Generator().manual_seed(1)])
+    one_hot = unlearndiffatk.DrawToken.apply(p, [torch.Generator().manual_seed(1)])
     assert (one_hot.sum(-1) == 1).all()
     (one_hot * w).sum().backward()
     assert torch.equal(p.grad, w.clamp(-1, 1))
 
 
 def test_prefix_ids_and_timesteps(tiny):
-    ids = attack.prefixed_ids(tiny, "a garbage truck", 5)
+    ids = unlearndiffatk.prefixed_ids(tiny, "a garbage truck", 5)
     tok = tiny.tokenizer
-    plain = attack.ids_of(tiny, ["a garbage truck"])[0]
+    plain = tokenize(tiny, ["a garbage truck"])[0]
     n = int((plain == tok.eos_token_id).nonzero()[0, 0]) - 1  # the prompt's tokens
     assert ids.shape == (77,) and ids[0] == tok.bos_token_id
     assert torch.equal(ids[6:6 + n], plain[1:1 + n]) and ids[6 + n] == tok.eos_token_id
-    long = attack.prefixed_ids(tiny, " ".join(["truck"] * 100), 5)
+    long = unlearndiffatk.prefixed_ids(tiny, " ".join(["truck"] * 100), 5)
     assert long.shape == (77,) and long[-1] == tok.eos_token_id
-    assert attack.attack_timesteps(50) == list(range(10, 1000, 20))  # the published 50
-    assert attack.attack_timesteps(4) == [125, 375, 625, 875]
+    assert unlearndiffatk.attack_timesteps(50) == list(range(10, 1000, 20))  # the published 50
+    assert unlearndiffatk.attack_timesteps(4) == [125, 375, 625, 875]
 
 
 def test_token_embeddings_path_is_the_text_encoder(tiny):
-    ids = attack.ids_of(tiny, ["a garbage truck", "church"])
-    tok = attack.token_embeddings(tiny)[ids].detach().clone().requires_grad_(True)
-    c = attack.encode_tokens(tiny, ids, tok)
+    ids = tokenize(tiny, ["a garbage truck", "church"])
+    tok = tiny.text_encoders[0].get_input_embeddings().weight[ids].detach().clone().requires_grad_(True)
+    c = encode_ids(tiny, ids, lambda j, E, ids_j: tok)
     assert torch.allclose(c, encode(tiny, ["a garbage truck", "church"]), atol=1e-6)
     c.sum().backward()
     assert tok.grad.abs().sum() > 0  # the gradient reaches the embeddings...
-    assert all(p.grad is None for p in tiny.text_encoder.parameters())  # ...and no frozen weight
+    assert all(p.grad is None for p in tiny.text_encoders[0].parameters())  # ...and no frozen weight
     # the hook is gone: a plain encoding is unchanged afterwards
-    assert torch.allclose(tiny.text_encoder(ids)[0], encode(tiny, ["a garbage truck", "church"]))
+    assert torch.allclose(encode_ids(tiny, ids), encode(tiny, ["a garbage truck", "church"]))
 
 
 # ---------------------------------------------------------------------------- UnlearnDiffAtk
@@ -102,13 +103,13 @@ def test_batched_unlearndiffatk_is_the_literal_algorithm_in_float64(tiny):
     bisection projection) on the same draws: every iteration's loss and the final tokens."""
     m = tiny
     m.unet.double()
-    m.text_encoder.double()
+    m.text_encoders[0].double()
     try:
         s = dict(k=3, iterations=3, timesteps=2, lr=0.01, weight_decay=0.1, guidance=7.5, steps=2, batch=2, seed=0)
         rows = [dict(prompt="a garbage truck", seed=0), dict(prompt="a church on a hill", seed=1)]
         _, z0 = attack.images_of(m, rows, s, encode(m, [""]))
         z0 = z0.double()
-        fast = attack.unlearndiffatk(m, rows, z0, attack.generators(0, [0, 1]), never, s)
+        fast = unlearndiffatk.unlearndiffatk(m, rows, z0, attack.generators(0, [0, 1]), never, s)
         for i, r in enumerate(rows):
             lit = literal.unlearndiffatk(m, r["prompt"], r["seed"], z0[i:i + 1], attack.generators(0, [i])[0], never, s)
             assert len(lit["losses"]) == 6 and fast[i]["timestep"] == lit["timestep"] == 750
@@ -116,7 +117,7 @@ def test_batched_unlearndiffatk_is_the_literal_algorithm_in_float64(tiny):
             assert fast[i]["adv_ids"] == lit["adv_ids"]
     finally:
         m.unet.float()
-        m.text_encoder.float()
+        m.text_encoders[0].float()
 
 
 def test_unlearndiffatk_lowers_the_denoising_error_of_the_target(toy):
@@ -127,13 +128,13 @@ def test_unlearndiffatk_lowers_the_denoising_error_of_the_target(toy):
     c_uncond = encode(toy, [""])
     _, z0 = attack.images_of(toy, [dict(prompt="a red circle", seed=i) for i in range(4)], s, c_uncond)
     rows = [dict(prompt="a blue square", seed=i) for i in range(4)]
-    res = attack.unlearndiffatk(toy, rows, z0, attack.generators(0, range(4)), never, s)
+    res = unlearndiffatk.unlearndiffatk(toy, rows, z0, attack.generators(0, range(4)), never, s)
 
     def error(ids):
         with torch.no_grad():
-            c = toy.text_encoder(ids)[0]
-            return attack.denoising_error(toy, z0, 500, c, attack.generators(7, range(4))).mean().item()
-    before = error(attack.ids_of(toy, ["a blue square"] * 4))
+            c = encode_ids(toy, ids)
+            return unlearndiffatk.denoising_error(toy, z0, 500, c, attack.generators(7, range(4))).mean().item()
+    before = error(tokenize(toy, ["a blue square"] * 4))
     after = error(torch.tensor([r["adv_ids"] for r in res.values()]))
     losses = np.array([r["losses"] for r in res.values()])  # (4, 40)
     assert after < 0.8 * before
@@ -150,7 +151,7 @@ def test_unlearndiffatk_stops_at_the_first_success(toy):
     rows = [dict(prompt="a red circle", seed=0), dict(prompt="a red circle", seed=1)]
     z0 = torch.zeros(2, 3, 16, 16)
     done = {}
-    res = attack.unlearndiffatk(toy, rows, z0, attack.generators(0, [0, 1]), second_time, s, done.__setitem__)
+    res = unlearndiffatk.unlearndiffatk(toy, rows, z0, attack.generators(0, [0, 1]), second_time, s, done.__setitem__)
     assert calls == [2, 2] and all(r["success"] and r["timestep"] == 300 for r in res.values())
     assert sorted(done) == [0, 1]
 
@@ -161,7 +162,7 @@ def test_concept_vector_is_the_mean_difference(tiny):
     assert ("a photo of nudity", "a photo of") in pairs and ("nudity", "") in pairs
     v = attack.concept_vector(tiny, pairs)
     by_hand = sum(encode(tiny, [w])[0] - encode(tiny, [wo])[0] for w, wo in pairs) / len(pairs)
-    assert v.shape == (77, tiny.text_encoder.config.hidden_size) and torch.allclose(v, by_hand, atol=1e-6)
+    assert v.shape == (77, tiny.text_encoders[0].config.hidden_size) and torch.allclose(v, by_hand, atol=1e-6)
 
 
 def test_ringabell_adds_eta_v_at_every_eta(tiny, monkeypatch):
@@ -171,7 +172,7 @@ def test_ringabell_adds_eta_v_at_every_eta(tiny, monkeypatch):
         seen.append(c.clone())
         return [np.full((8, 8, 3), len(seen), np.uint8)] * len(seeds), None
     monkeypatch.setattr(attack, "sample_from", fake_sample)
-    v = torch.randn(77, tiny.text_encoder.config.hidden_size)
+    v = torch.randn(77, tiny.text_encoders[0].config.hidden_size)
     judge = lambda images: [(len(seen) == 2, 0.5)] * len(images)  # only the second eta succeeds
     res = attack.ringabell(tiny, [dict(prompt="a church", seed=0)], judge, dict(eta=[3.0, 0.5, 1.0], guidance=7.5, steps=2),
                            v, encode(tiny, [""]))
@@ -190,16 +191,15 @@ def test_inversion_learns_a_token_that_fits_the_targets_and_nothing_else(toy):
     v = attack.invert(toy, z0, "red circle", s, torch.Generator().manual_seed(0))
     assert all(torch.equal(p, before[n]) for n, p in toy.unet.state_dict().items())  # the model is untouched
     ids, where = attack.placeholder_ids(toy, "a red circle", "red circle")
-    assert attack.decode_prompt(toy, ids) == "a *" and where == 2
-    E = attack.token_embeddings(toy)
+    assert unlearndiffatk.decode_prompt(toy, ids) == "a *" and where == 2
+    assert len(v) == 1 and v[0].shape == (toy.text_encoders[0].config.hidden_size,)  # one table
 
     def error(vec):
-        c = attack.encode_tokens(toy, ids[None].expand(4, -1), attack.with_token(toy, ids[None].expand(4, -1),
-                                                                                  torch.tensor([where] * 4), vec))
         with torch.no_grad():
-            return np.mean([attack.denoising_error(toy, z0, t, c, attack.generators(5, range(4))).mean().item()
+            c = encode_ids(toy, ids[None].expand(4, -1), attack.with_token(torch.tensor([where] * 4), vec))
+            return np.mean([unlearndiffatk.denoising_error(toy, z0, t, c, attack.generators(5, range(4))).mean().item()
                             for t in (100, 300, 500, 700, 900)])
-    start = E[attack.ids_of(toy, ["object"])[0, 1]]
+    start = attack.init_token(toy, "object")
     assert error(v) < 0.95 * error(start)  # measured: 0.079 vs 0.088
 
 
@@ -369,7 +369,7 @@ def test_cli_targets_come_from_the_original_model_and_plain_images_from_the_eras
     erased model's (a changed prompt list is a new run, not a resume)."""
     import erase
     from PIL import Image
-    from sample import load_weights
+    from family import load_weights
     w = erase.main(["--model", "toy", "--concept", "red circle", "--method", "esd", "--steps", "3", "--lr", "1e-2",
                     "--ddim_steps", "2", "--device", "cpu", "--out", str(tmp_path / "w")])
     out, res = run(tmp_path, "--attack", "ringabell", "--eta", "0.5", "--weights", w)
@@ -377,7 +377,7 @@ def test_cli_targets_come_from_the_original_model_and_plain_images_from_the_eras
     s = dict(guidance=7.5, steps=20, batch=8)
     rows = [dict(prompt="a red circle", seed=i) for i in (0, 1)]
     original, _ = attack.images_of(m, rows, s, encode(m, [""]))
-    load_weights(m.unet, w)
+    load_weights(m, w)
     erased, _ = attack.images_of(m, rows, s, encode(m, [""]))
     assert any(not np.array_equal(a, b) for a, b in zip(original, erased))  # the erasure changed something
     for i in (0, 1):

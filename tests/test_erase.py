@@ -8,9 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import erase
+import params
 import uce
-from sample import UsageError, load_model
+from cli import UsageError
+from family import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +81,7 @@ def test_train_methods(tiny_sd, vocab, tmp_path, train_method):
 def test_the_frozen_model_keeps_the_original_values(tiny_sd):
     m = load_model(tiny_sd)
     theta = {n: p.detach().clone() for n, p in m.unet.named_parameters() if "attn2" in n}
-    eps_theta = erase.frozen(m.unet, theta)
+    eps_theta = params.frozen(m, theta)
     z, c = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     before = eps_theta(z, 10, c)
     with torch.no_grad():
@@ -127,15 +130,15 @@ def test_resume_finishes_with_the_same_weights(tiny_sd, vocab, tmp_path, monkeyp
         run(tiny_sd, vocab, tmp_path / "cut", *flags)
     undo()
     assert not (tmp_path / "cut" / "weights.safetensors").exists()
-    assert (tmp_path / "cut" / erase.RESUME).exists()
-    (tmp_path / "cut" / (erase.RESUME + ".tmp")).write_bytes(b"half a file")  # never read
+    assert (tmp_path / "cut" / checkpoint.RESUME).exists()
+    (tmp_path / "cut" / (checkpoint.RESUME + ".tmp")).write_bytes(b"half a file")  # never read
     resumed = load_file(run(tiny_sd, vocab, tmp_path / "cut", *flags, "--resume"))
     assert set(resumed) == set(whole) and all(torch.equal(resumed[n], whole[n]) for n in whole)
     def log(run):  # the same lines but for the wall time of each update
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in open(tmp_path / run / "log.jsonl")]
     assert log("cut") == log("whole") and len(log("whole")) == 6
-    assert not (tmp_path / "cut" / erase.RESUME).exists()
+    assert not (tmp_path / "cut" / checkpoint.RESUME).exists()
     with pytest.raises(UsageError, match="no checkpoint"):
         run(tiny_sd, vocab, tmp_path / "cut", *flags, "--resume")
 
@@ -157,7 +160,7 @@ def test_a_fresh_run_refuses_to_delete_an_unfinished_runs_checkpoint(tiny_sd, vo
     undo()
     with pytest.raises(UsageError, match="unfinished run: add --resume"):
         run(tiny_sd, vocab, tmp_path, *flags)
-    assert (tmp_path / erase.RESUME).exists()  # still there to resume from
+    assert (tmp_path / checkpoint.RESUME).exists()  # still there to resume from
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
@@ -169,7 +172,7 @@ def test_the_ascent_moves_pi(tiny_sd, vocab, tmp_path, optim, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tiny_sd, vocab, tmp_path, "--steps", "3", "--save_every", "2", "--pi_optim", optim,
             "--eta", "1e-3", "--lr", "1e-2", "--soft")
-    with safe_open(str(tmp_path / erase.RESUME), "pt") as f:
+    with safe_open(str(tmp_path / checkpoint.RESUME), "pt") as f:
         pi = f.get_tensor("pi.0")
     # measured: sgd 1.8e-5 (the mean's gradient: 256x less, 7e-8); Adam ~eta a step, 1.4e-3
     assert pi.abs().max() > (1e-6 if optim == "sgd" else 1e-4), pi

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import evaluate as ev
+import family
 import prompts
 import sample
 
@@ -372,7 +373,7 @@ def readme_commands():
 def tiny_sd32(tmp_path_factory):
     """A tiny random SD folder that makes 32x32 images (LPIPS' AlexNet needs more than 16x16)."""
     import offline
-    return offline.save_random_pipeline(str(tmp_path_factory.mktemp("sd32")), offline.tiny_configs(16))
+    return offline.save_random_pipeline(str(tmp_path_factory.mktemp("sd32")), cfg=offline.configs("sd1", latent=16))
 
 
 def test_readme_commands(tmp_path, monkeypatch, tiny_sd32):
@@ -385,7 +386,7 @@ def test_readme_commands(tmp_path, monkeypatch, tiny_sd32):
     write_folder("coco_val2014_30k", [{"prompt": f"photo {i}", "seed": i} for i in range(4)])
     with open("coco30k.csv", "w") as f:
         f.write("prompt,seed\n" + "".join(f"a photo of a street {i},{i}\n" for i in range(4)))
-    m = sample.load_model(tiny_sd32)
+    m = family.load_model(tiny_sd32)
     for path in {c[c.index("--weights") + 1] for c in cmds if "--weights" in c}:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         from safetensors.torch import save_file

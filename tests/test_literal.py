@@ -1,7 +1,7 @@
 """The fast loop (erase.py) against the literal transcription of Algorithms 1-2 (literal.py),
 on the same random draws (one seed; both take them from erase.draws): every update's L1 and
 L2 and the trained weights after 6 updates agree, for every method and each flag that changes
-the arithmetic.
+the arithmetic, on SD-1, SD-2 768-v (v-prediction) and SDXL.
 
 float64 is where the proof lives: there the two loops agree to ~1e-12, so a single wrong
 term, sign, timestep or concept shows at once. In fp32 a batched and an unbatched forward
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import erase
 import literal
-from sample import load_model
+from family import load_model
 
 # method rows x the flags that change the arithmetic; each row runs in both timestep modes
 ROWS = [
@@ -39,6 +39,10 @@ ROWS = [
     ("pgd", ["--method", "eap", "--search", "pgd", "--negative_guidance", "1", "--eta", "1e-2"]),
     ("ca", ["--method", "ca", "--loss_space", "x0"]),
     ("ca, trained target", ["--method", "ca", "--anchor", "car", "--ca_target", "trained"]),
+    # ESD's current code: z_t from the frozen model, attn2's keys and values only (ESD-x-strict)
+    ("esd, frozen sampler, strict", ["--method", "esd", "--sampler", "frozen", "--negative_guidance", "1",
+                                     "--train_method", "xattn-strict"]),
+    ("eap, frozen sampler", ["--method", "eap", "--sampler", "frozen", "--n_iter", "1", "--pi_grad", "trained"]),
 ]
 CASES = [(name, flags + ["--timestep", mode]) for name, flags in ROWS for mode in ("matched", "published")]
 # AGE's top-k (--gumbel_topk 2 of K 4), matched timesteps only: hard ignores it (AGE's objects
@@ -47,6 +51,11 @@ CASES += [("age hard, top-k 2", ["--method", "age", "--tau", "0.1", "--gumbel_to
                                  "--negative_guidance", "1", "--timestep", "matched"]),
           ("eap soft, top-k 2", ["--method", "eap", "--soft", "--gumbel_topk", "2", "--n_iter", "2",
                                  "--pi_grad", "trained", "--timestep", "matched"])]
+# every row on SD-2 768-v (v-prediction) and SDXL (two encoders, pooled, micro-conditioning), the
+# timestep modes alternating; SDXL's c_n as zeros too
+FAMILY_CASES = [(kind, name, flags + ["--timestep", ("matched", "published")[i % 2]])
+                for kind in ("sd2-v", "sdxl") for i, (name, flags) in enumerate(ROWS)]
+FAMILY_CASES += [("sdxl", "eap, c_n zeros", ["--method", "eap", "--empty", "zeros", "--timestep", "matched"])]
 
 
 def both(tiny_sd, vocab, out, flags, dtype, lr):
@@ -58,7 +67,7 @@ def both(tiny_sd, vocab, out, flags, dtype, lr):
 
     def fresh():
         m = load_model(tiny_sd, "cpu", vae=False)
-        m.unet.to(dtype), m.text_encoder.to(dtype)
+        m.unet.to(dtype), [e.to(dtype) for e in m.text_encoders]
         return m
     w_fast = load_file(erase.main(argv + ["--out", str(out / "fast")], m=fresh()))
     w_lit = load_file(literal.main(argv + ["--out", str(out / "literal")], m=fresh(), unet_orig=fresh().unet))
@@ -86,9 +95,8 @@ def close32(a, b, delta=2e-6):
     return close(a, b, 1e-5, 2 * big ** 0.5 * delta + delta ** 2)
 
 
-@pytest.mark.parametrize("name,flags", CASES, ids=[f"{n}, {f[-1]}" for n, f in CASES])
-def test_fast_loop_is_the_literal_algorithm_float64(tiny_sd, vocab, tmp_path, name, flags):
-    fast, lit, w_fast, w_lit = both(tiny_sd, vocab, tmp_path, flags, torch.float64, "1e-2")
+def equal_in_float64(model, vocab, tmp_path, name, flags):
+    fast, lit, w_fast, w_lit = both(model, vocab, tmp_path, flags, torch.float64, "1e-2")
     assert len(fast) == len(lit) == 6
     assert len({r["t_enc"] for r in fast}) >= 2  # the draws cover more than one stop
     for a, b in zip(fast, lit):
@@ -97,7 +105,19 @@ def test_fast_loop_is_the_literal_algorithm_float64(tiny_sd, vocab, tmp_path, na
             assert close(a[key], b[key], 1e-9, 1e-18), (a["step"], key, a[key], b[key])
     assert any(r["l2"] > 1e-6 for r in fast) or name.startswith(("esd", "ca"))  # L2 is not trivially zero
     assert set(w_fast) == set(w_lit)
-    assert all(torch.allclose(w_fast[n], w_lit[n], rtol=0, atol=1e-10) for n in w_fast)
+    # 1e-9: where a gradient is rounding noise in one loop and 0 in the other (L2 at theta' = theta,
+    # ~1e-16), Adam's step lr g / (|g| + 1e-8) still moves that weight by up to lr 1e-8 = 1e-10
+    assert all(torch.allclose(w_fast[n], w_lit[n], rtol=0, atol=1e-9) for n in w_fast)
+
+
+@pytest.mark.parametrize("name,flags", CASES, ids=[f"{n}, {f[-1]}" for n, f in CASES])
+def test_fast_loop_is_the_literal_algorithm_float64(tiny_sd, vocab, tmp_path, name, flags):
+    equal_in_float64(tiny_sd, vocab, tmp_path, name, flags)
+
+
+@pytest.mark.parametrize("kind,name,flags", FAMILY_CASES, ids=[f"{k}: {n}, {f[-1]}" for k, n, f in FAMILY_CASES])
+def test_fast_loop_is_the_literal_algorithm_on_every_family_float64(tiny_kind, vocab, tmp_path, kind, name, flags):
+    equal_in_float64(tiny_kind(kind), vocab, tmp_path, name, flags)
 
 
 @pytest.mark.parametrize("name,flags", ROWS[::2], ids=[n for n, _ in ROWS[::2]])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import erase
-from sample import ddim, encode, load_model
+from family import ddim, encode, eps, load_model
 
 
 def watched(tiny_sd, vocab, tmp_path, *flags):
@@ -100,7 +100,7 @@ def test_the_queried_timestep_and_z_t_noise_level(tiny_sd, t_enc):
         args = argparse.Namespace(ddim_steps=50, timestep=mode)
         d = argparse.Namespace(t_enc=t_enc, t=20 * t_enc + 7)  # a query from the published band
         stop, t, t_x0 = erase.when(args, ts, d)
-        z, _ = ddim(Oracle(x0, abar64), sched, z_T, c, c, 3.0, 50, stop)
+        z, _ = ddim(lambda z, t, c: Oracle(x0, abar64)(z, t).sample, sched, z_T, c, c, 3.0, 50, stop)
         if mode == "matched":
             assert level(z) == t == t_x0 == ts[t_enc]
         else:

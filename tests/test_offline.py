@@ -2,8 +2,8 @@
 import torch
 from diffusers import UNet2DConditionModel
 
-import erase
 import offline
+from params import trained_parameter_names
 
 
 def test_tokenizer_is_sd14s():
@@ -16,8 +16,8 @@ def test_tokenizer_is_sd14s():
 def test_sd14_unet_has_sd14s_parameter_counts():
     with torch.device("meta"):  # shapes only, no memory
         unet = UNet2DConditionModel(**offline.sd14_configs()[0])
-    params = dict(unet.named_parameters())
-    assert sum(p.numel() for p in params.values()) == 859_520_964
-    xattn = erase.trained_parameter_names(unet, "xattn")
-    assert sum(params[n].numel() for n in xattn) == 43_962_560  # 176 MB of float32 in weights.safetensors
+    parameters = dict(unet.named_parameters())
+    assert sum(p.numel() for p in parameters.values()) == 859_520_964
+    xattn = trained_parameter_names(unet, "xattn")
+    assert sum(parameters[n].numel() for n in xattn) == 43_962_560  # 176 MB of float32 in weights.safetensors
     assert len({n.split(".attn2")[0] for n in xattn}) == 16

@@ -8,8 +8,9 @@ import os
 import torch
 
 import erase
+from family import ddim, encode, eps, load_model
 from losses import L2
-from sample import ddim, encode, load_model
+from params import frozen, matmul_parameters, trained_parameter_names
 
 
 def run(tmp_path, precision, steps):
@@ -41,19 +42,19 @@ def test_l2_gradient_with_bf16_sampled_z_is_within_5_percent(tmp_path):
     torch.manual_seed(0)
     m = load_model("toy")
     unet = m.unet
-    names = erase.trained_parameter_names(unet, "xattn")
+    names = trained_parameter_names(unet, "xattn")
     theta = {n: p.detach().clone() for n, p in unet.named_parameters() if n in names}
     params = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in names]
     with torch.no_grad():  # a theta' a few hundred updates of lr 1e-5 away
         for p in params:
             p.add_(3e-4 * torch.randn_like(p) * p.abs().mean())
-    eps_theta = erase.frozen(unet, theta)
+    eps_theta = frozen(m, theta)
     c_a, c_n = encode(m, ["a blue square"]), encode(m, [""])
     z_T = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
     def l2_and_grad(sample_bf16, loss_bf16):
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=sample_bf16):
-            z_r, t = ddim(unet, m.scheduler, z_T, c_a, c_n, 3.0, 10, 6)
+            z_r, t = ddim(lambda z, t, c: eps(m, z, t, c), m.scheduler, z_T, c_a, c_n, 3.0, 10, 6)
         with torch.autocast("cpu", torch.bfloat16, enabled=loss_bf16):
             l2 = L2(unet(z_r.float(), t, encoder_hidden_states=c_a).sample.float(),
                     eps_theta(z_r.float(), t, c_a).float())
@@ -132,7 +133,7 @@ def test_bf16_copies_made_once_sample_what_autocast_samples(tmp_path, monkeypatc
 
 def test_matmul_parameters_are_the_linear_and_conv_ones():
     unet = load_model("toy", vae=False).unet
-    names = set(erase.matmul_parameters(unet))
+    names = set(matmul_parameters(unet))
     assert "conv_in.weight" in names and any(n.endswith("attn2.to_k.weight") for n in names)
     assert not any("norm" in n for n in names)  # norms run in fp32 under autocast
     assert len(names) < len(list(unet.parameters()))

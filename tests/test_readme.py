@@ -34,7 +34,7 @@ def test_erase_commands(argv, tiny_sd, tmp_path):
     """Each README erase.py command runs, records the settings it names, and changes the UNet."""
     import json
     from safetensors.torch import load_file
-    from sample import load_model
+    from family import load_model
     test_flags = ["--model", tiny_sd, "--steps", "2", "--ddim_steps", "3", "--device", "cpu",
                   "--out", str(tmp_path / "out"), "--cache_dir", os.path.join(os.path.dirname(tiny_sd), "cache")]
     named = vars(erase.parse_args(argv))  # what the README's command alone asks for

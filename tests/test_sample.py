@@ -7,22 +7,27 @@ import pytest
 import torch
 from PIL import Image
 
+import family
 import sample
-from sample import UsageError
+from cli import UsageError
+
+
+def unet_eps(m):
+    return lambda z, t, c: family.eps(m, z, t, c)
 
 
 def test_ddim_agrees_with_stable_diffusion_pipeline(tiny_sd):
     from diffusers import StableDiffusionPipeline
-    m = sample.load_model(tiny_sd)
+    m = family.load_model(tiny_sd)
     prompts, seeds = ["a photo of a garbage truck", "church"], [0, 1]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    z_T = torch.cat([sample.noise(m, 1, s, "cpu") for s in seeds])
+    z_T = torch.cat([family.noise(m, 1, s, "cpu") for s in seeds])
     kw = dict(num_inference_steps=20, guidance_scale=7.5, latents=z_T)
     theirs = pipe(prompts, output_type="latent", **kw).images
-    ours, t = sample.ddim(m.unet, m.scheduler, z_T, sample.encode(m, prompts),
-                          sample.encode(m, ["", ""]), 7.5, 20)
+    ours, t = family.ddim(unet_eps(m), m.scheduler, z_T, family.encode(m, prompts),
+                          family.encode(m, ["", ""]), 7.5, 20)
     assert t == 0 and torch.allclose(ours, theirs, atol=1e-6)
     images = pipe(prompts, output_type="np", **kw).images
     mine = np.stack(sample.generate(m, prompts, seeds, 7.5, 20, progress=False))
@@ -30,11 +35,11 @@ def test_ddim_agrees_with_stable_diffusion_pipeline(tiny_sd):
 
 
 def test_stopping_at_step_t_returns_z_t_and_its_timestep(tiny_sd):
-    m = sample.load_model(tiny_sd)
-    z_T, c = sample.noise(m, 1, 0, "cpu"), sample.encode(m, ["church"])
-    z0, t0 = sample.ddim(m.unet, m.scheduler, z_T, c, sample.encode(m, [""]), 3.0, 50, stop=0)
+    m = family.load_model(tiny_sd)
+    z_T, c = family.noise(m, 1, 0, "cpu"), family.encode(m, ["church"])
+    z0, t0 = family.ddim(unet_eps(m), m.scheduler, z_T, c, family.encode(m, [""]), 3.0, 50, stop=0)
     assert torch.equal(z0, z_T) and t0 == 981  # SD-1.4's DDIM: 981, 961, ..., 1
-    z7, t7 = sample.ddim(m.unet, m.scheduler, z_T, c, sample.encode(m, [""]), 3.0, 50, stop=7)
+    z7, t7 = family.ddim(unet_eps(m), m.scheduler, z_T, c, family.encode(m, [""]), 3.0, 50, stop=7)
     assert t7 == 981 - 7 * 20 and not torch.equal(z7, z_T)
 
 
@@ -55,9 +60,9 @@ def test_bad_weights_are_refused(tiny_sd, tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"")
     from safetensors.torch import save_file
     save_file({"not.a.unet.param": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
-    m = sample.load_model(tiny_sd)
+    m = family.load_model(tiny_sd)
     with pytest.raises(UsageError, match="do not fit"):
-        sample.load_weights(m.unet, str(tmp_path / "w.safetensors"))
+        family.load_weights(m, str(tmp_path / "w.safetensors"))
     with pytest.raises(UsageError, match="not a .safetensors"):
         sample.main(["--model", tiny_sd, "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "g.png")])
 
@@ -83,7 +88,7 @@ def test_prompt_file_to_folder_is_resumable_and_sharded(tiny_sd, tmp_path, monke
     sample.main(argv)
     files = sorted(os.listdir(tmp_path / "g"))
     assert files == ["00000.png", "00001.png", "00002.png", "00003.png", "prompts.csv"]
-    alone = sample.generate(sample.load_model(tiny_sd), ["garbage truck"], [1], 3.0, 3, progress=False)
+    alone = sample.generate(family.load_model(tiny_sd), ["garbage truck"], [1], 3.0, 3, progress=False)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g" / "00001.png")), alone[0])
     stamp = os.path.getmtime(tmp_path / "g" / "00000.png")
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -101,37 +106,24 @@ def test_bad_prompt_files(tiny_sd, tmp_path):
 
 def test_model_paths(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
-        sample.load_model(str(tmp_path / "nothing"))
+        family.load_model(str(tmp_path / "nothing"))
     with pytest.raises(UsageError, match="not a diffusers folder"):
-        sample.load_model(str(tmp_path))
+        family.load_model(str(tmp_path))
     with pytest.raises(UsageError, match="could not load"):
-        sample.load_model("CompVis/stable-diffusion-v1-4")  # offline: a clear line, not a traceback
+        family.load_model("CompVis/stable-diffusion-v1-4")  # offline: a clear line, not a traceback
 
 
 def test_fp16_checkpoint_loads_as_float32(tmp_path):
     import offline
-    tok, text_encoder, unet, vae, scheduler = offline.build(offline.tiny_configs())
-    folder = offline.save_pipeline(str(tmp_path / "fp16"), tok, text_encoder.half(), unet.half(),
-                                   vae.half(), scheduler)
-    m = sample.load_model(folder)
-    dtypes = {p.dtype for net in (m.text_encoder, m.unet, m.vae) for p in net.parameters()}
+    parts = offline.build(offline.configs("sd1"))
+    for name in ("text_encoder", "unet", "vae"):
+        parts[name].half()
+    folder = offline.save_pipeline(str(tmp_path / "fp16"), parts)
+    m = family.load_model(folder)
+    dtypes = {p.dtype for net in (*m.text_encoders, m.unet, m.vae) for p in net.parameters()}
     assert dtypes == {torch.float32}
     (x,) = sample.generate(m, ["church"], [0], 7.5, 2, progress=False)  # no dtype mismatch
     assert x.dtype == np.uint8
-
-
-def test_v_prediction_is_refused_before_loading_weights(tiny_sd, tmp_path):
-    import json
-    import shutil
-    folder = tmp_path / "v"
-    shutil.copytree(tiny_sd, folder)
-    cfg_path = folder / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps(dict(cfg, prediction_type="v_prediction")))
-    for f in (folder / "unet").glob("*.safetensors"):
-        f.unlink()  # loading the UNet's weights would fail with another message
-    with pytest.raises(UsageError, match="v_prediction; SD-1.x predicts epsilon"):
-        sample.load_model(str(folder))
 
 
 def test_vae_false_skips_the_vae(tiny_sd, monkeypatch):
@@ -140,13 +132,13 @@ def test_vae_false_skips_the_vae(tiny_sd, monkeypatch):
     real = diffusers.AutoencoderKL.from_pretrained
     monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained",
                         lambda *a, **kw: loaded.append(a) or real(*a, **kw))
-    m = sample.load_model(tiny_sd, vae=False)
-    assert m.vae is None and loaded == [] and m.unet is not None and m.text_encoder is not None
-    assert sample.load_model(tiny_sd).vae is not None and len(loaded) == 1
+    m = family.load_model(tiny_sd, vae=False)
+    assert m.vae is None and loaded == [] and m.unet is not None and m.text_encoders
+    assert family.load_model(tiny_sd).vae is not None and len(loaded) == 1
 
 
 def images(model, precision, prompts, seeds, steps):
-    m = sample.load_model(model)
+    m = family.load_model(model)
     sample.set_precision(m, precision)
     return np.stack(sample.generate(m, prompts, seeds, 7.5, steps, progress=False)).astype(float)
 
@@ -172,10 +164,10 @@ def test_fp16_through_the_vae_agrees_with_fp32(tiny_sd):
 
 
 def test_the_text_encoder_runs_once_per_batch_on_its_distinct_prompts(tiny_sd):
-    m = sample.load_model(tiny_sd)
+    m = family.load_model(tiny_sd)
     seen = []
-    m.text_encoder.register_forward_hook(lambda mod, args, out: seen.append(len(args[0])))
-    c_uncond = sample.encode(m, [""])
+    m.text_encoders[0].register_forward_hook(lambda mod, args, out: seen.append(len(args[0])))
+    c_uncond = family.encode(m, [""])
     seen.clear()
     prompts = ["church", "truck", "church", "church", "truck", "road"]
     imgs = sample.generate(m, prompts, [0] * 6, 7.5, 2, batch=4, progress=False, c_uncond=c_uncond)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import search
-from sample import UsageError, encode, load_model
+from cli import UsageError
+from family import encode, load_model
 
 
 def args(**kw):
@@ -150,8 +151,8 @@ def test_a_search_step_increases_l2_on_the_tiny_unet(tiny_sd):
         for n, p in m.unet.named_parameters():
             if "attn2" in n:
                 p.add_(0.05 * torch.randn_like(p))
-    from erase import frozen
-    eps_theta = frozen(m.unet, theta)
+    from params import frozen
+    eps_theta = frozen(m, theta)
     z, t = torch.randn(1, 4, 8, 8), 501
     R = encode(m, ["truck", "car", "music", "tree", "red"])
 
@@ -260,7 +261,7 @@ PEAK = r"""
 import gc, json, sys
 import torch
 import search
-from sample import encode, load_model
+from family import encode, load_model
 
 
 def status(field):
@@ -277,7 +278,7 @@ def reset_peak():
 model, cache, phase, encoder = sys.argv[1:5]
 m = load_model(model)
 words = search.load_vocab("clip", m.tokenizer)
-g, D = torch.Generator().manual_seed(0), m.text_encoder.config.hidden_size
+g, D = torch.Generator().manual_seed(0), m.text_encoders[0].config.hidden_size
 if encoder == "stub":  # the text encoder's output shape, without its time and working memory
     search.encode = lambda m, ws: torch.randn(len(ws), 77, D, generator=g)
 if phase == "embed":  # the first run: encode every word and write the cache

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import erase
 import evaluate
+import family
 import oracle
 import sample
 import toy
@@ -68,7 +69,7 @@ def test_oracle_reads_held_out_clean_images():
 
 
 def test_committed_model_draws_what_it_is_asked():
-    m = sample.load_model("toy")
+    m = family.load_model("toy")
     assert m.vae is None and m.unet.config.in_channels == 3 and m.unet.config.sample_size == toy.SIZE
     assert len(m.tokenizer) == 49408
     prompts = [f"a {c}" for c in toy.CONCEPTS]
@@ -101,7 +102,7 @@ def test_readme_toy_commands_train_deterministically(tmp_path):
     wa = load_file(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    m = sample.load_model(str(tmp_path / "a"))  # a diffusers folder like any SD checkpoint
+    m = family.load_model(str(tmp_path / "a"))  # a diffusers folder like any SD checkpoint
     assert m.vae is None and m.scheduler.config.beta_schedule == "scaled_linear"
     info = json.load(open(tmp_path / "a" / "train.json"))
     assert np.isfinite(info["final_loss"]) and info["steps"] == 2

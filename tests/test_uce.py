@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import erase
 import uce
 from cli import UsageError
-from sample import encode, load_model
+from family import encode, load_model
 
 
 def rand(*shape, seed):
