@@ -322,13 +322,13 @@ def test_readme_attack_commands(tiny_sd, tmp_path):
 
 
 def test_readme_benchmark_with_attacks_reduced(tmp_path):
-    """`python toy.py benchmark ... --attacks`: esd on one split and seed, everything reduced;
+    """`python benchmark.py --model toy ... --attacks`: esd on one split and seed, everything reduced;
     results.json has methods.esd.asr_pre, .asr_post.<attack>, the original model's and the check."""
-    import toy
-    (argv,) = [c[2:] for c in readme_attack_commands() if c[:2] == ["toy.py", "benchmark"]]
+    import benchmark
+    (argv,) = [c[1:] for c in readme_attack_commands() if c[0] == "benchmark.py"]
     assert "--attacks" in argv
     argv = [str(tmp_path / a) if a.startswith("out/") else a for a in argv]
-    r = toy.main(["benchmark", *argv, "--methods", "esd", "--splits", "red circle, blue square", "--seeds", "0",
+    r = benchmark.main([*argv, "--methods", "esd", "--splits", "red circle, blue square", "--seeds", "0",
                   "--jobs", "1", "--samples", "1", "--sample_steps", "5", "--erase_steps", "2", "--ddim_steps", "2",
                   "--attack_samples", "1", "--attack_timesteps", "1", "--attack_iterations", "1",
                   "--inversion_steps", "1", "--min_accuracy", "0"])
@@ -342,26 +342,26 @@ def test_readme_benchmark_with_attacks_reduced(tmp_path):
 
 
 def test_robustness_aggregation_and_sanity_check():
-    import toy
+    import tables
     runs = [dict(method="esd", asr_pre=0.0, asr_post=dict(unlearndiffatk=50.0, ringabell=0.0, inversion=25.0)),
             dict(method="esd", asr_pre=25.0, asr_post=dict(unlearndiffatk=100.0, ringabell=25.0, inversion=25.0))]
     original = [dict(asr_pre=100.0, asr_post={a: 100.0 for a in attack.ATTACKS}),
                 dict(asr_pre=75.0, asr_post={a: 75.0 for a in attack.ATTACKS})]
     r = {"methods": {"esd": {}}, "original": {}}
-    toy.add_robustness(r, runs, original)
+    tables.add_robustness(r, runs, original)
     esd = r["methods"]["esd"]
     assert esd["asr_pre"]["mean"] == 12.5 and esd["asr_pre"]["std"] == pytest.approx(17.68, abs=0.01)
     assert esd["asr_post"]["unlearndiffatk"]["mean"] == 75.0 and esd["asr_post"]["ringabell"]["values"] == [0.0, 25.0]
     assert r["original"]["asr_post"]["inversion"]["mean"] == 87.5
     assert r["sanity"]["passed"] and r["sanity"]["esd_asr_pre_at_most_20"]
     runs[1]["asr_pre"] = 50.0  # esd's plain prompts break too often: the check fails
-    toy.add_robustness(r, runs, original)
+    tables.add_robustness(r, runs, original)
     assert not r["sanity"]["passed"] and not r["sanity"]["esd_asr_pre_at_most_20"]
     original[1]["asr_post"]["ringabell"] = 40.0  # an attack that does not break the original model
     runs[1]["asr_pre"] = 25.0
-    toy.add_robustness(r, runs, original)
+    tables.add_robustness(r, runs, original)
     assert not r["sanity"]["passed"] and r["sanity"]["original_asr_post_at_least_80"]["ringabell"] is False
-    assert "FAILED" in toy.robustness_table(r)
+    assert "FAILED" in tables.robustness_table(r)
 
 
 def test_cli_targets_come_from_the_original_model_and_plain_images_from_the_erased(tmp_path):

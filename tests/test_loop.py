@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import erase
-from family import ddim, encode, eps, load_model
+from family import ddim, encode, load_model
 
 
 def watched(tiny_sd, vocab, tmp_path, *flags):

@@ -146,12 +146,12 @@ def images(model, precision, prompts, seeds, steps):
 def test_reduced_precision_images_agree_with_fp32():
     """The toy model (trained; pixel space): bf16 images differ from fp32 ones by 0.92/255 on
     average (measured), and the oracle reads every one as the same concept as its fp32 twin."""
-    import toy
+    import oracle
     prompts, seeds = ["a red circle", "a blue square", "a green star", "a purple heart"] * 4, range(16)
     ref, low = (images("toy", p, prompts, list(seeds), 20) for p in ("fp32", "bf16"))
     assert np.abs(low - ref).mean() <= 1.5
-    oracle = toy.load_oracle()
-    read = [toy.recognise(oracle, list(x.astype(np.uint8))) for x in (ref, low)]
+    judge = oracle.load_oracle()
+    read = [oracle.recognise(judge, list(x.astype(np.uint8))) for x in (ref, low)]
     assert (read[0] == read[1]).all()
 
 

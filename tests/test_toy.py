@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import benchmark
 import erase
 import evaluate
 import family
 import oracle
 import sample
+import tables
 import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,11 +56,11 @@ def test_vocab_file_is_the_world_vocabulary():
 
 
 def test_oracle_reads_held_out_clean_images():
-    net = toy.load_oracle()
+    net = oracle.load_oracle()
     assert toy.held_out_accuracy(net, seed=12345, n_per_concept=40) >= 99.0
     rng = np.random.default_rng(7)  # and it names what it sees, class by class
     images = [toy.draw(c, s, rng) for c in toy.COLOURS for s in toy.SHAPES]
-    assert (toy.recognise(net, images) == np.arange(36)).all()
+    assert (oracle.recognise(net, images) == np.arange(36)).all()
     # as evaluate.py's classifier: 36 log-probabilities that sum to 1, the same top-1
     scores = oracle.Concepts(net)(torch.stack([oracle.to_tensor(im) for im in images]))
     assert scores.shape == (36, 36) and torch.allclose(scores.exp().sum(1), torch.ones(36), atol=1e-5)
@@ -74,7 +76,7 @@ def test_committed_model_draws_what_it_is_asked():
     assert len(m.tokenizer) == 49408
     prompts = [f"a {c}" for c in toy.CONCEPTS]
     imgs = sample.generate(m, prompts, [0] * 36, guidance=7.5, steps=20, batch=36, progress=False)
-    acc = np.mean(toy.recognise(toy.load_oracle(), imgs) == np.arange(36))
+    acc = np.mean(oracle.recognise(oracle.load_oracle(), imgs) == np.arange(36))
     assert acc >= 0.85, acc
 
 
@@ -96,7 +98,7 @@ def into(tmp_path, argv):
 def test_readme_toy_commands_train_deterministically(tmp_path):
     """`python toy.py train`, `oracle` and `vocab` as the README gives them, 2 steps, train twice."""
     cmds = {c[1]: c[2:] for c in readme_toy_commands() if c[0] == "toy.py"}
-    assert set(cmds) == {"train", "oracle", "vocab", "benchmark"}
+    assert set(cmds) == {"train", "oracle", "vocab"}
     for run in ("a", "b"):
         toy.main(["train", *cmds["train"], "--steps", "2", "--batch", "8", "--out", str(tmp_path / run)])
     wa = load_file(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -116,7 +118,7 @@ def test_readme_toy_commands_erase_sample_evaluate(tmp_path, monkeypatch):
     """The README's erase.py / sample.py / evaluate.py commands with --model toy, in order, with
     2 erasure steps, 3 DDIM steps and 1 seed; esr-psr reads the PNGs as the benchmark does."""
     monkeypatch.chdir(ROOT)  # toy/vocab.txt, as the README's reader runs it
-    cmds = [into(tmp_path, c) for c in readme_toy_commands() if c[0] != "toy.py"]
+    cmds = [into(tmp_path, c) for c in readme_toy_commands() if c[0] not in ("toy.py", "benchmark.py")]
     assert {c[0] for c in cmds} == {"erase.py", "sample.py", "evaluate.py"}
     for c in cmds:
         if c[0] == "erase.py":
@@ -131,7 +133,7 @@ def test_readme_toy_commands_erase_sample_evaluate(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(os.path.join(folder, "prompts.csv"))))
     images = [np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png"))) for i in range(len(rows))]
     assert len(rows) == 36 and images[0].shape == (toy.SIZE, toy.SIZE, 3)
-    hit = toy.recognise(toy.load_oracle(), images) == np.arange(36)
+    hit = oracle.recognise(oracle.load_oracle(), images) == np.arange(36)
     erased = [toy.CONCEPTS.index(e.strip()) for e in c[c.index("--erased") + 1].split(",")]
     keep = [i for i in range(36) if i not in erased]
     assert res["ESR-1"] == pytest.approx(100 * (1 - hit[erased].mean()), abs=0.01)
@@ -139,16 +141,16 @@ def test_readme_toy_commands_erase_sample_evaluate(tmp_path, monkeypatch):
 
 
 def test_readme_benchmark_reduced_end_to_end(tmp_path):
-    """`python toy.py benchmark --out out/toy`, every method on the first split and seed, in this
+    """`python benchmark.py --model toy --out out/toy`, every method on the first split and seed, in this
     process: 2 erasure steps, 1 sample per concept, 5 DDIM steps."""
-    (argv,) = [into(tmp_path, c[2:]) for c in readme_toy_commands() if c[:2] == ["toy.py", "benchmark"]]
+    (argv,) = [into(tmp_path, c[1:]) for c in readme_toy_commands() if c[0] == "benchmark.py"]
     reduced = ["--samples", "1", "--sample_steps", "5", "--erase_steps", "2", "--ddim_steps", "2",
                "--K", "4", "--n_iter", "1", "--splits", "red circle, blue square", "--seeds", "0", "--jobs", "1"]
     with pytest.raises(sample.UsageError, match="too weak"):  # the check of the original model
-        toy.main(["benchmark", *argv, *reduced, "--out", str(tmp_path / "weak"), "--min_accuracy", "101"])
+        benchmark.main([*argv, *reduced, "--out", str(tmp_path / "weak"), "--min_accuracy", "101"])
     with pytest.raises(sample.UsageError, match="--methods"):
-        toy.main(["benchmark", *argv, *reduced, "--out", str(tmp_path / "bad"), "--methods", "esd,nope"])
-    toy.main(["benchmark", *argv, *reduced, "--min_accuracy", "0"])
+        benchmark.main([*argv, *reduced, "--out", str(tmp_path / "bad"), "--methods", "esd,nope"])
+    benchmark.main([*argv, *reduced, "--min_accuracy", "0"])
     out = tmp_path / argv[argv.index("--out") + 1]
     r = json.load(open(out / "results.json"))
     assert 0 <= r["original"]["accuracy"] <= 100
@@ -160,7 +162,7 @@ def test_readme_benchmark_reduced_end_to_end(tmp_path):
         assert os.path.isfile(out / "split0_seed0" / name / "weights.safetensors")
         config = json.load(open(out / "split0_seed0" / name / "config.json"))  # the settings reach erase.py
         assert config["method"] == {"fixed_empty": "fixed", "fixed_related": "fixed"}.get(name, name)
-        if name in toy.ESD_TARGET:  # ESD's target, negative guidance included; ca refuses it
+        if name in benchmark.ESD_TARGET:  # ESD's target, negative guidance included; ca refuses it
             assert config["negative_guidance"] == r["settings"]["negative_guidance"] == 1.0
         if name != "uce":  # uce trains nothing
             assert config["lr"] == r["settings"]["lr"] and config["steps"] == 2
@@ -185,26 +187,26 @@ def test_mean_std_and_verdict_on_hand_made_runs():
     """Table 1's mean ± std: the sample std (n - 1: 10 here, not 8.16), over each method's runs;
     the verdict: EAP's mean PSR-1 beats ESD's by more than the larger std, or not."""
     runs = hand_made_runs(esd=[30.0, 40.0, 50.0], eap=[50.0, 52.0, 54.0])
-    agg = toy.aggregate(runs)
+    agg = tables.aggregate(runs)
     assert list(agg) == ["esd", "eap"] and agg["esd"]["runs"] == 3
     assert agg["esd"]["psr1"] == dict(mean=40.0, std=10.0, values=[30.0, 40.0, 50.0])
     assert agg["eap"]["psr1"] == dict(mean=52.0, std=2.0, values=[50.0, 52.0, 54.0])
     assert agg["esd"]["esr1"] == dict(mean=99.0, std=1.0, values=[100.0, 99.0, 98.0])
     assert agg["esd"]["drop_unshared"]["std"] == 0.0 and agg["eap"]["drop_shared"]["mean"] == 10.0
-    assert toy.mean_std([7.0]) == dict(mean=7.0, std=0.0, values=[7.0])  # one run: no spread
-    v = toy.verdict(runs, agg)  # gap 12 > 10
+    assert tables.mean_std([7.0]) == dict(mean=7.0, std=0.0, values=[7.0])  # one run: no spread
+    v = tables.verdict(runs, agg)  # gap 12 > 10
     assert v["eap_beats_esd_beyond_spread"] is True and v["psr1_gap"] == 12.0 and v["spread"] == 10.0
     assert v["paired_difference"] == dict(mean=12.0, std=8.0, values=[20.0, 12.0, 4.0])
     assert v["eap_higher_in"] == 3 and v["pairs"] == 3 and v["text"].startswith("EAP's PSR-1 beats")
     runs = hand_made_runs(esd=[30.0, 40.0, 50.0], eap=[45.0, 41.0, 49.0])  # gap 5 <= 10
-    v = toy.verdict(runs, toy.aggregate(runs))
+    v = tables.verdict(runs, tables.aggregate(runs))
     assert v["eap_beats_esd_beyond_spread"] is False and v["eap_higher_in"] == 2
     assert v["text"].startswith("EAP's PSR-1 does not beat")
-    assert toy.verdict(runs[:3], toy.aggregate(runs[:3])) is None  # no eap: no verdict
-    r = dict(original=dict(splits=3, esr1=toy.mean_std([0, 0, 0]), psr1=toy.mean_std([90, 92, 94])),
+    assert tables.verdict(runs[:3], tables.aggregate(runs[:3])) is None  # no eap: no verdict
+    r = dict(original=dict(splits=3, esr1=tables.mean_std([0, 0, 0]), psr1=tables.mean_std([90, 92, 94])),
              methods=agg, splits=[dict(E=["red circle", "blue square"])] * 3, seeds=[0], seconds=1,
-             verdict=toy.verdict(hand_made_runs([30.0, 40.0, 50.0], [50.0, 52.0, 54.0]), agg))
-    table = toy.markdown_table(r)
+             verdict=tables.verdict(hand_made_runs([30.0, 40.0, 50.0], [50.0, 52.0, 54.0]), agg))
+    table = tables.markdown_table(r)
     assert "| esd | 3 | 99.0 ± 1.0 | 40.0 ± 10.0 | 10.0 ± 10.0 | 5.0 ± 0.0 | 20 s |" in table
     assert "| original | 3 | 0.0 ± 0.0 | 92.0 ± 2.0 | - | - | - |" in table
     assert r["verdict"]["text"] in table
@@ -213,8 +215,8 @@ def test_mean_std_and_verdict_on_hand_made_runs():
 def test_fixed_related_concept_is_derived_per_split():
     """fixed_related's c_a: the shape of a split's first concept in the colour of its second, as
     "blue circle" for the default E; and only ESD's-target methods get --negative_guidance."""
-    args = toy.parse_args(["benchmark", "--out", "x"])
-    splits = toy.parse_splits(args.splits)
+    args = benchmark.parse_args(["--out", "x"])
+    splits = benchmark.parse_splits(args.splits)
     assert [s["E"] for s in splits] == [["red circle", "blue square"], ["green star", "orange heart"],
                                         ["purple cross", "yellow triangle"]]
     assert [s["related"] for s in splits] == ["blue circle", "orange star", "yellow cross"]
@@ -222,13 +224,13 @@ def test_fixed_related_concept_is_derived_per_split():
         for b in toy.CONCEPTS:
             if set(a.split()) & set(b.split()):
                 continue
-            c = toy.related_concept([a, b])
+            c = benchmark.related_concept([a, b])
             assert c.split() == [b.split()[0], a.split()[1]] and c not in (a, b)
     for s in splits:
-        flags = toy.methods(args, s["related"])
+        flags = benchmark.methods(args, s["related"])
         assert flags["fixed_related"][flags["fixed_related"].index("--preserve") + 1] == s["related"]
-    assert toy.parse_splits("red circle", related=False) == [dict(E=["red circle"], related=None)]
-    assert [n for n, f in flags.items() if "--negative_guidance" in f] == list(toy.ESD_TARGET)
+    assert benchmark.parse_splits("red circle", related=False) == [dict(E=["red circle"], related=None)]
+    assert [n for n, f in flags.items() if "--negative_guidance" in f] == list(benchmark.ESD_TARGET)
     assert "--steps" not in flags["uce"] and "--lr" not in flags["uce"]
 
 
@@ -248,7 +250,7 @@ def test_bad_splits_are_refused_in_one_line(tmp_path, flags, message):
     the original model's check (a tiny sampling) would refuse it with another message."""
     fast = ["--samples", "1", "--sample_steps", "2", "--min_accuracy", "101"]
     with pytest.raises(sample.UsageError, match=re.escape(message)) as e:
-        toy.main(["benchmark", "--out", str(tmp_path), *fast, *flags])
+        benchmark.main(["--out", str(tmp_path), *fast, *flags])
     assert "\n" not in str(e.value)
 
 
@@ -259,7 +261,7 @@ def test_benchmark_splits_and_seeds_end_to_end(tmp_path):
     tiny = ["--samples", "1", "--sample_steps", "5", "--erase_steps", "3", "--lr", "1e-2",
             "--ddim_steps", "2", "--seeds", "0", "--min_accuracy", "0"]
     splits = ["red circle, blue square", "green star, orange heart"]
-    r = toy.main(["benchmark", "--out", str(tmp_path / "a"), "--splits", "; ".join(splits), "--jobs", "2",
+    r = benchmark.main(["--out", str(tmp_path / "a"), "--splits", "; ".join(splits), "--jobs", "2",
                   "--methods", "esd,fixed_related", *tiny])
     assert r == json.load(open(tmp_path / "a" / "results.json"))
     assert [s["related"] for s in r["splits"]] == ["blue circle", "orange star"] and r["seeds"] == [0]
@@ -273,17 +275,17 @@ def test_benchmark_splits_and_seeds_end_to_end(tmp_path):
         assert len(v["per_concept"]) == 36
     for name in ("esd", "fixed_related"):
         agg, runs = r["methods"][name], [v for v in r["runs"] if v["method"] == name]
-        assert agg["runs"] == 2 and set(agg) == {"runs", *toy.FIGURES}
-        for f in toy.FIGURES:
+        assert agg["runs"] == 2 and set(agg) == {"runs", *tables.FIGURES}
+        for f in tables.FIGURES:
             values = [v[f] for v in runs]
             assert agg[f]["values"] == values
             assert agg[f]["mean"] == pytest.approx(np.mean(values), abs=0.01)
             assert agg[f]["std"] == pytest.approx(np.std(values, ddof=1), abs=0.01)
         assert runs[0]["per_concept"] != runs[1]["per_concept"]  # two splits, two erased models
-        assert [runs[0][f] for f in toy.FIGURES[:4]] != [runs[1][f] for f in toy.FIGURES[:4]]
+        assert [runs[0][f] for f in tables.FIGURES[:4]] != [runs[1][f] for f in tables.FIGURES[:4]]
     assert r["verdict"] is None  # no eap in this run
     assert "±" in open(tmp_path / "a" / "table.md").read()
     # the second split alone, esd alone, in this process: the same numbers as in the worker
-    b = toy.main(["benchmark", "--out", str(tmp_path / "b"), "--splits", splits[1], "--jobs", "1",
+    b = benchmark.main(["--out", str(tmp_path / "b"), "--splits", splits[1], "--jobs", "1",
                   "--methods", "esd", *tiny])
     assert b["runs"][0]["per_concept"] == r["runs"][2]["per_concept"]

@@ -1,0 +1,323 @@
+"""The toy world's Table 1 (Section 5.1) with error bars, and Fig. 1a (Section 3.2): every method
+through erase.py exactly as on SD-1.4, on several splits of E and seeds, each run erased, sampled
+and read by the oracle in its own worker process; with --attacks, attack.py's three attacks on
+every erased model. tables.py turns the runs into the table, the verdict and the pictures.
+
+    python benchmark.py --model toy --out out/toy                # 3 splits x 2 seeds x 7 methods
+    python benchmark.py --model toy --out out/toy-attacks --attacks
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+import torch
+
+import attack
+import erase
+import unlearndiffatk
+from cli import UsageError, one_line_errors, run_cli
+from family import empty, load_model, load_weights
+from oracle import ORACLE, load_oracle, recognise
+from sample import generate
+from tables import (add_robustness, aggregate, figures, markdown_table, mean_std, partition, picture,
+                    spectrum, verdict)
+from toy import CONCEPTS, VOCAB
+
+# the methods that train towards ESD's target, so --negative_guidance reaches them; uce has no
+# target (a closed-form edit) and ca's is its anchor's prediction (erase.py refuses the flag)
+ESD_TARGET = ("esd", "fixed_empty", "fixed_related", "eap", "age")
+METHODS = (*ESD_TARGET, "uce", "ca")
+COST = dict(eap=3, age=3, fixed_empty=2, fixed_related=2, ca=2, esd=1.5, uce=0, original=0)  # longest first
+
+
+def methods(args, related):
+    """Table 1's rows: erase.py's flags for each method (Fig. 1b's fixed choices included) on
+    one split of E; `related` is that split's c_a of fixed_related (related_concept)."""
+    train = ["--train_method", args.train_method, "--steps", str(args.erase_steps), "--lr", str(args.lr),
+             "--ddim_steps", str(args.ddim_steps)]
+    esd_target = [*train, "--negative_guidance", str(args.negative_guidance)]
+    searched = ["--vocab", args.vocab, "--K", str(args.K), "--n_iter", str(args.n_iter),
+                "--eta", str(args.eta), "--tau", str(args.tau)]
+    return {"esd": ["--method", "esd", *esd_target],
+            "fixed_empty": ["--method", "fixed", "--preserve", "", *esd_target],
+            "fixed_related": ["--method", "fixed", "--preserve", str(related), *esd_target],
+            "eap": ["--method", "eap", *esd_target, *searched],
+            "age": ["--method", "age", *esd_target, *searched],
+            # UCE: closed form, every erased concept guided to "" (erase.py's default): no steps, no lr
+            "uce": ["--method", "uce"],
+            # CA: each erased concept's anchor c* is its last word, its shape ("red circle" -> "circle")
+            "ca": ["--method", "ca", *train]}
+
+
+def related_concept(E):
+    """fixed_related's c_a for a split (Fig. 1b's "road" for "nudity"): a concept close to E but
+    not in it, the shape of E's first concept in the colour of its second ("blue circle" for
+    "red circle, blue square")."""
+    if len(E) < 2:
+        raise UsageError(f"--splits: '{', '.join(E)}' has one concept; fixed_related's c_a takes the "
+                         "shape of a split's first concept and the colour of its second")
+    c = f"{E[1].split()[0]} {E[0].split()[1]}"
+    if c in E:
+        raise UsageError(f"--splits: fixed_related's c_a for '{', '.join(E)}' would be '{c}', an erased "
+                         "concept; give a split's first two concepts different colours and shapes")
+    return c
+
+
+def parse_splits(text, related=True):
+    """--splits "red circle, blue square; green star, orange heart": E per split, each with its
+    fixed_related concept (None unless `related`). Refused: an unknown or repeated concept."""
+    splits = []
+    for part in text.split(";"):
+        E = [e.strip() for e in part.split(",")]
+        unknown = [e for e in E if e not in CONCEPTS]
+        if unknown:
+            raise UsageError(f"--splits: '{unknown[0]}' is not a concept of the toy world (a colour and a "
+                             "shape, e.g. 'red circle'); ';' between splits, ',' between concepts")
+        twice = [e for e in E if E.count(e) > 1]
+        if twice:
+            raise UsageError(f"--splits: '{twice[0]}' appears twice in the split '{part.strip()}'")
+        splits.append(dict(E=E, related=related_concept(E) if related else None))
+    return splits
+
+
+_WORKER = {}  # one process's model, its original UNet weights and the oracle (_load)
+
+
+def _load(model, oracle, threads):
+    """A worker's setup (and the parent's): torch threads, the model, the judge; once a process."""
+    torch.set_num_threads(threads)
+    m = load_model(model, "cpu")
+    _WORKER.update(m=m, oracle=load_oracle(oracle),
+                   theta={n: p.detach().clone() for n, p in m.unet.state_dict().items()})
+
+
+def read_concepts(job):
+    """Per concept: % of its samples ("a red circle", seeds 0..samples-1) the oracle reads as
+    it, (36,), and the samples (36 x samples uint8 images, concept by concept)."""
+    m, seeds = _WORKER["m"], list(range(job["samples"]))
+    imgs = generate(m, [f"a {c}" for c in CONCEPTS for _ in seeds], seeds * 36, job["guidance"],
+                    job["sample_steps"], batch=job["batch"], progress=False)
+    hit = recognise(_WORKER["oracle"], imgs) == np.repeat(np.arange(36), len(seeds))
+    return 100 * hit.reshape(36, len(seeds)).mean(1), imgs
+
+
+def erase_and_read(job):
+    """One run: erase job's E with one method and seed through erase.py (its output in the run's
+    folder, erase.log included), load the weights from the file it wrote, as any user would, and
+    read every concept. Runs in a worker process (or in this one with --jobs 1)."""
+    tic = time.time()
+    m, theta = _WORKER["m"], _WORKER["theta"]
+    m.unet.load_state_dict(theta)
+    if job["method"] == "original":  # --attacks on the original model: nothing to erase or read
+        return dict(attacks=attack_concepts(job), seconds=round(time.time() - tic, 1))
+    os.makedirs(job["out"], exist_ok=True)
+    with open(os.path.join(job["out"], "erase.log"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+        weights = erase.main([*job["argv"], "--out", job["out"]], m=m)
+    erase_seconds = time.time() - tic
+    m.unet.load_state_dict(theta)
+    load_weights(m, weights)
+    acc, imgs = read_concepts(job)
+    attacks = attack_concepts(job) if job["attack"] else None
+    m.unet.load_state_dict(theta)
+    log = os.path.join(job["out"], "log.jsonl")  # one line per update (uce: one line, no c_a)
+    recs = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+    c_a = Counter(r.get("c_a") if r.get("anchor") is None else r["anchor"] for r in recs)  # ca: its anchor c*
+    return dict(acc=acc, images=imgs if job["images"] else None, erase_seconds=round(erase_seconds, 1), attacks=attacks,
+                seconds=round(time.time() - tic, 1), c_a_most_often=[w for w, _ in c_a.most_common(3) if w is not None])
+
+
+def attack_concepts(job):
+    """--attacks: every attack of attack.py on the loaded model, for each concept of E its prompts
+    ("a red circle", seeds 0..) judged by the oracle; the % of all of them the plain prompts
+    break (asr_pre) and the % each attack breaks, the plain prompt's success included (asr_post)."""
+    a, hits = job["attack"], {}
+    for e in job["E"]:
+        r = attack.robustness(_WORKER["m"], a["rows"][e], a["z0"][e], e, attack.ATTACKS,
+                              attack.make_judge("toy", e, "cpu", oracle_path=a["oracle"]), dict(a["settings"], seed=job["seed"]))
+        for k, v in r.items():
+            hits[k] = hits.get(k, []) + v
+    pct = lambda v: round(100 * float(np.mean(v)), 2)
+    return dict(asr_pre=pct(hits["pre"]), asr_post={n: pct(hits[n]) for n in attack.ATTACKS})
+
+
+def run_all(jobs, args, acc0):
+    """Every run, --jobs at a time in worker processes started with "spawn" (fresh interpreters,
+    --threads torch threads each), the longest first; with --jobs 1 in this process. Every run
+    starts from the original weights with its own seed, so where it ran changes no number."""
+    order = sorted(range(len(jobs)), key=lambda j: -COST[jobs[j]["method"]])
+    done = {}
+
+    def finished(j, r):
+        done[j] = r
+        job = jobs[j]
+        read = figures(r["acc"], acc0, job["E"]) if "acc" in r else {}
+        print(f"[{len(done)}/{len(jobs)}] split {job['split']} seed {job['seed']} {job['method']}: "
+              f"{json.dumps(read)}{', attacks ' + json.dumps(r['attacks']) if r['attacks'] else ''}, "
+              f"erase {r.get('erase_seconds', 0):.0f} s, run {r['seconds']:.0f} s", flush=True)
+
+    if args.jobs == 1:
+        for j in order:
+            finished(j, erase_and_read(jobs[j]))
+    else:
+        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_load, initargs=(args.model, args.oracle, args.threads))
+        try:
+            futures = {pool.submit(erase_and_read, jobs[j]): j for j in order}
+            for f in as_completed(futures):
+                finished(futures[f], f.result())
+        finally:  # on an error: drop the runs not started, wait for those running
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [done[j] for j in range(len(jobs))]
+
+
+def benchmark(args):
+    """Section 5.1 (erase |E| concepts at once; ESR-1 / PSR-1 with the oracle as ResNet-50) as
+    Table 1 reports it, mean ± std over runs: every method on each split of E (--splits) with
+    each seed (--seeds); and Section 3.2 (delta(c): the drop of the oracle's accuracy on each
+    remaining concept, Fig. 1a) for the first split and seed."""
+    tic = time.time()
+    names = [w.strip() for w in args.methods.split(",")]
+    if not set(names) <= set(METHODS) or len(set(names)) < len(names):
+        raise UsageError(f"--methods takes some of {', '.join(METHODS)}, comma-separated, each once")
+    splits = parse_splits(args.splits, related="fixed_related" in names)
+    if len(set(args.seeds)) < len(args.seeds):
+        raise UsageError("--seeds names a seed twice")
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    for flag in ("attack_samples", "attack_timesteps", "attack_iterations", "inversion_steps"):
+        if args.attacks and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1")
+    sampling = dict(samples=args.samples, sample_steps=args.sample_steps, guidance=args.guidance, batch=args.batch)
+    _load(args.model, args.oracle, args.threads)  # this process: the original model, once for all runs
+    acc0, imgs0 = read_concepts(sampling)
+    print(f"original model: the oracle recognises the prompted concept in {acc0.mean():.1f}% of samples")
+    if acc0.mean() < args.min_accuracy:
+        raise UsageError(f"the original toy model reaches {acc0.mean():.1f}% < {args.min_accuracy}%: "
+                         f"the world is too weak to say anything (retrain, or more --sample_steps)")
+    attacking = attack_settings(args, splits) if args.attacks else None
+    jobs = [dict(split=i, E=split["E"], seed=args.seeds[0], method="original", attack=attacking, out=None)
+            for i, split in enumerate(splits)] if args.attacks else []  # the check: the original model breaks
+    for i, split in enumerate(splits):
+        for seed in args.seeds:
+            for name in names:
+                folder = os.path.join(args.out, f"split{i}_seed{seed}", name)
+                argv = ["--model", args.model, "--concept", ", ".join(split["E"]), "--seed", str(seed),
+                        "--device", "cpu", "--cache_dir", os.path.join(folder, "cache"),
+                        *methods(args, split["related"])[name]]
+                jobs.append(dict(split=i, E=split["E"], seed=seed, method=name, argv=argv, out=folder,
+                                 images=(i, seed) == (0, args.seeds[0]), attack=attacking, **sampling))
+    print(f"{len(jobs)} runs: {len(splits)} splits of E x {len(args.seeds)} seeds x {len(names)} methods, "
+          f"{min(args.jobs, len(jobs))} at a time", flush=True)
+    done = run_all(jobs, args, acc0)
+    attacked_original = [r["attacks"] for job, r in zip(jobs, done) if job["method"] == "original"]
+    jobs, done = zip(*[(job, r) for job, r in zip(jobs, done) if job["method"] != "original"])
+    runs = [dict(split=job["split"], E=job["E"], seed=job["seed"], method=job["method"],
+                 **(dict(c_a=splits[job["split"]]["related"]) if job["method"] == "fixed_related" else {}),
+                 **figures(r["acc"], acc0, job["E"]), erase_seconds=r["erase_seconds"], seconds=r["seconds"],
+                 c_a_most_often=r["c_a_most_often"], folder=os.path.relpath(job["out"], args.out),
+                 **(r["attacks"] or {}),
+                 per_concept=dict(zip(CONCEPTS, r["acc"].round(1).tolist())))
+            for job, r in zip(jobs, done)]
+    original = [figures(acc0, acc0, s["E"]) for s in splits]  # per split; the seeds change nothing here
+    results = {"original": dict(accuracy=round(float(acc0.mean()), 2), splits=len(splits),
+                                **{f: mean_std([o[f] for o in original]) for f in ("esr1", "psr1")},
+                                per_concept=dict(zip(CONCEPTS, acc0.round(1).tolist()))),
+               "splits": splits, "seeds": args.seeds, "methods": aggregate(runs), "runs": runs,
+               "settings": vars(args)}
+    results["verdict"] = verdict(runs, results["methods"])
+    if args.attacks:
+        add_robustness(results, runs, attacked_original)
+    results["seconds"] = round(time.time() - tic)
+    table = markdown_table(results)
+    print(table)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    # the pictures: the first split and seed
+    E = splits[0]["E"]
+    _, _, shared, unshared = partition(E)
+    first = {r["method"]: r for r in runs if (r["split"], r["seed"]) == (0, args.seeds[0])}
+    images = {"original": imgs0, **{job["method"]: r["images"] for job, r in zip(jobs, done) if job["images"]}}
+    picture(images, E, shared, unshared, list(range(args.samples))[:4], os.path.join(args.out, "grid.png"))
+    spectrum({"methods": first}, acc0, shared, unshared, os.path.join(args.out, "sensitivity.png"),
+             f"E = {', '.join(E)}, seed {args.seeds[0]}")
+    return results
+
+
+def attack_settings(args, splits):
+    """--attacks: the prompts of each erased concept ("a red circle", --attack_samples seeds), the
+    original model's target latents for them, and attack.py's settings scaled down to the toy world."""
+    m = _WORKER["m"]
+    settings = dict(k=unlearndiffatk.UDA["k"], iterations=args.attack_iterations, timesteps=args.attack_timesteps,
+                    lr=unlearndiffatk.UDA["lr"], weight_decay=unlearndiffatk.UDA["weight_decay"], eta=args.ringabell_eta,
+                    inversion_steps=args.inversion_steps, inversion_lr=5e-3, inversion_batch=4, init_word="object",
+                    guidance=args.guidance, steps=args.sample_steps, batch=args.attack_samples, progress=False)
+    rows = {e: [dict(prompt=f"a {e}", seed=s) for s in range(args.attack_samples)] for sp in splits for e in sp["E"]}
+    c_uncond = empty(m)
+    z0 = {e: attack.images_of(m, r, settings, c_uncond)[1] for e, r in rows.items()}
+    return dict(rows=rows, z0=z0, settings=settings, oracle=args.oracle)
+
+# ---------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    b = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    b.add_argument("--out", required=True)
+    b.add_argument("--model", default="toy")
+    b.add_argument("--oracle", default=ORACLE)
+    # splits of E: two concepts that share no word, every colour and shape erased in one split;
+    # fixed_related's c_a is derived per split (related_concept: "blue circle" for the first)
+    b.add_argument("--splits", default="red circle, blue square; green star, orange heart; "
+                   "purple cross, yellow triangle", help="E per split: ';' between splits, ',' between concepts")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="erase.py's --seed, each split")
+    b.add_argument("--methods", default=",".join(METHODS), help="the table's rows, comma-separated")
+    b.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
+    # sampling, as Section 5.1 (guidance 7.5) but with few DDIM steps and seeds
+    b.add_argument("--samples", type=int, default=8, help="seeds per concept")
+    b.add_argument("--sample_steps", type=int, default=20, help="DDIM steps of the samples")
+    b.add_argument("--guidance", type=float, default=7.5)
+    b.add_argument("--batch", type=int, default=96)
+    b.add_argument("--min_accuracy", type=float, default=90.0, help="required of the original model")
+    # erasure (erase.py's flags), the same for every trained method (uce trains nothing); scaled
+    # down from Appendix B.1
+    b.add_argument("--erase_steps", type=int, default=150)
+    b.add_argument("--lr", type=float, default=3e-4)
+    b.add_argument("--train_method", default="xattn")
+    # 1, the published code's target (and ESD's): at Eq. 3's printed target (0) eap erased both
+    # concepts to ESR-1 >= 90% at no setting tried within a CPU's budget (README, toy world)
+    b.add_argument("--negative_guidance", type=float, default=1.0,
+                   help="1: the published code's target; 0: Eq. 3's as printed (erase.py's flag)")
+    b.add_argument("--ddim_steps", type=int, default=10, help="DDIM steps of z_t in erase.py")
+    b.add_argument("--vocab", default=VOCAB)
+    b.add_argument("--K", type=int, default=16)
+    b.add_argument("--n_iter", type=int, default=2)
+    b.add_argument("--eta", type=float, default=1e-2)
+    b.add_argument("--tau", type=float, default=2.0)
+    b.add_argument("--threads", type=int, default=1, help="torch threads per process (shared cores thrash with 2)")
+    # robustness (attack.py), scaled down from the attacks' published settings
+    b.add_argument("--attacks", action="store_true", help="ASR before and after attack.py's three attacks")
+    b.add_argument("--attack_samples", type=int, default=4, help="seeds of 'a CONCEPT' attacked per erased concept")
+    b.add_argument("--attack_timesteps", type=int, default=4, help="unlearndiffatk's timesteps (published: 50)")
+    b.add_argument("--attack_iterations", type=int, default=unlearndiffatk.UDA["iterations"])
+    b.add_argument("--ringabell_eta", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0], help="ringabell: strengths of v")
+    b.add_argument("--inversion_steps", type=int, default=100, help="inversion's Adam steps (attack.py: 1000)")
+    args = b.parse_args(argv)
+    if args.model != "toy":
+        raise UsageError(f"--model {args.model}: benchmark.py runs the toy world (--model toy)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(json.dumps(vars(args)))
+    os.makedirs(args.out, exist_ok=True)
+    return benchmark(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
