@@ -23,6 +23,7 @@ import erase
 import unlearndiffatk
 from cli import UsageError, one_line_errors, run_cli
 from family import empty, load_model, load_weights
+from metrics import make_judge
 from oracle import ORACLE, load_oracle, recognise
 from sample import generate
 from tables import (add_robustness, aggregate, figures, markdown_table, mean_std, partition, picture,
@@ -139,7 +140,7 @@ def attack_concepts(job):
     a, hits = job["attack"], {}
     for e in job["E"]:
         r = attack.robustness(_WORKER["m"], a["rows"][e], a["z0"][e], e, attack.ATTACKS,
-                              attack.make_judge("toy", e, "cpu", oracle_path=a["oracle"]), dict(a["settings"], seed=job["seed"]))
+                              make_judge("toy", e, "cpu", oracle_path=a["oracle"]), dict(a["settings"], seed=job["seed"]))
         for k, v in r.items():
             hits[k] = hits.get(k, []) + v
     pct = lambda v: round(100 * float(np.mean(v)), 2)

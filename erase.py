@@ -238,6 +238,70 @@ def batched(model, pairs, t):
 
 
 # ---------------------------------------------------------------------------- Algorithm 2
+def models(args, m):
+    """theta' (the trained subset of the UNet's parameters), theta (a copy of their original
+    values), eps_theta (the frozen model: the same UNet with theta swapped in, no second UNet in
+    memory), eps_theta' (the model being trained), and the precision policy: L2 is the difference
+    of two nearly equal UNet outputs, which bf16 rounding swamps, so every forward that a loss or a
+    gradient sees runs in fp32; only the no-grad DDIM sampling of z_t and z_r may run under bf16
+    autocast (README: the measured effect), with bf16 copies of the frozen weights made once
+    (autocast casts every frozen weight again at every call)."""
+    unet = m.unet
+    if args.device == "cpu" and sum(p.numel() for p in unet.parameters()) > 1e8:
+        warnings.warn("running a full-size UNet on the CPU: impractically slow (about a minute "
+                      "per forward+backward); use a CUDA GPU, or --model toy")
+    theta_prime, theta = split(unet, args.train_method)
+    if args.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in training mode; SD's UNet has no dropout
+    bf16 = args.precision == "bf16"
+    low = dict(fixed=low_precision(unet, {n: p for n, p in unet.named_parameters() if n not in theta}),
+               theta=low_precision(unet, theta)) if bf16 else None
+    if args.compile:
+        unet.compile(dynamic=False)  # in place: parameter names unchanged for functional_call
+    return argparse.Namespace(theta_prime=theta_prime, theta=theta, low=low, eps_theta=frozen(m, theta),
+                              eps_theta_prime=lambda z, t, c: eps(m, z, t, c),
+                              amp=torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=bf16))
+
+
+def searches(args, m, C):
+    """Algorithm 1's state for each erased concept (eap, age): R embedded once, the K candidates
+    nearest c_e and their logits pi; then the text encoders leave the GPU (every embedding is made)."""
+    S = []
+    if searched(args):
+        words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
+        S = search.new_search(m, words, search.embed_vocab(m, words, args.cache_dir), C.e, args, args.device)
+    for enc in m.text_encoders:
+        enc.to("cpu")
+    return S
+
+
+def start(args, m, theta_prime, opt, S, gen):
+    """--out's config.json and log.jsonl (appended to on --resume), the step to start from. Only
+    now is anything written: bad input has been refused before."""
+    os.makedirs(args.out, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "out")}
+    k = checkpoint.resume(args, config, theta_prime, opt, S, gen, args.device)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(dict(config, family=m.family), f, indent=1)
+    return k, open(os.path.join(args.out, "log.jsonl"), "a")
+
+
+def record(args, k, d, t, losses, S, drawn, tic):
+    """One line of log.jsonl: the update's losses, timesteps, concepts, time, peak GPU memory."""
+    loss, l1, l2 = (float(x) for x in losses)
+    rec = dict(step=k, loss=loss, l1=l1, l2=l2, t=int(t), t_enc=d.t_enc, c_e=args.concepts[d.i],
+               c_a=search.drawn(S[d.i], drawn, args) if searched(args) else args.preserve)
+    if args.method == "ca":
+        rec["anchor"] = args.anchors[d.i]
+    if searched(args) and args.search == "gumbel":
+        rec["pi_argmax"] = search.chosen(S[d.i], args)
+    rec["seconds"] = round(time.perf_counter() - tic, 4)
+    if args.device.startswith("cuda"):  # the update's peak, sampling included
+        rec["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(args.device) / 2 ** 30, 3)
+    return rec
+
+
 def main(argv=None, m=None):
     """Algorithm 2, with Algorithm 1 inside it. `m` (family.load_model's result) skips loading:
     bench.py and the toy benchmark pass their own."""
@@ -248,54 +312,18 @@ def main(argv=None, m=None):
     m = m or load_model(args.model, device, vae=False)  # training never decodes
     if args.method == "uce":
         return uce.write(m, args)
-    unet = m.unet
-    if device == "cpu" and sum(p.numel() for p in unet.parameters()) > 1e8:
-        warnings.warn("running a full-size UNet on the CPU: impractically slow (about a minute "
-                      "per forward+backward); use a CUDA GPU, or --model toy")
-    # theta' = the trained subset of the UNet; theta = a copy of its original values only. The
-    # frozen eps_theta is the same UNet with theta swapped in: no second UNet in memory.
-    theta_prime, theta = split(unet, args.train_method)
-    eps_theta = frozen(m, theta)  # the original model
-
-    def eps_theta_prime(z, t, c):  # the model being trained
-        return eps(m, z, t, c)
-    if args.grad_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers checkpoints only in training mode; SD's UNet has no dropout
-    # Precision: L2 is the difference of two nearly equal UNet outputs, which bf16 rounding
-    # swamps, so every forward that a loss or a gradient sees runs in fp32; only the no-grad
-    # DDIM sampling of z_t and z_r may run under bf16 autocast (README: the measured effect).
-    # Autocast casts every frozen weight again at every call: their bf16 copies are made once.
-    bf16 = args.precision == "bf16"
-    sampling_amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
-    low = dict(fixed=low_precision(unet, {n: p for n, p in unet.named_parameters() if n not in theta}),
-               theta=low_precision(unet, theta)) if bf16 else None
-    if args.compile:
-        unet.compile(dynamic=False)  # in place: parameter names unchanged for functional_call
-
+    M = models(args, m)  # theta', theta, eps_theta, eps_theta'
     C = concepts(m, args)  # text embeddings, computed once
-    S = []
-    if searched(args):  # Algorithm 1's state: R embedded once, each c_e's K candidates and pi
-        words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
-        S = search.new_search(m, words, search.embed_vocab(m, words, args.cache_dir), C.e, args, device)
-    for enc in m.text_encoders:
-        enc.to("cpu")  # every text embedding is computed: free its memory on the GPU
-    opt = torch.optim.Adam(theta_prime.values(), lr=args.lr)
+    S = searches(args, m, C)  # Algorithm 1's candidates and pi, per erased concept
+    opt = torch.optim.Adam(M.theta_prime.values(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw, so a resume replays them
     abar = m.scheduler.alphas_cumprod.to(device)
     m.scheduler.set_timesteps(args.ddim_steps)
     ts = m.scheduler.timesteps.tolist()  # DDIM timesteps, noisiest first
-    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    shape = (1, m.unet.config.in_channels, m.unet.config.sample_size, m.unet.config.sample_size)
+    first, log = start(args, m, M.theta_prime, opt, S, gen)
 
-    # Only now is anything written: bad input has been refused above.
-    os.makedirs(args.out, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "out")}
-    start = checkpoint.resume(args, config, theta_prime, opt, S, gen, device)
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(dict(config, family=m.family), f, indent=1)
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
-
-    bar = trange(start, args.steps, initial=start, total=args.steps, desc=f"{args.method}")
+    bar = trange(first, args.steps, initial=first, total=args.steps, desc=f"{args.method}")
     for k in bar:
         tic = time.perf_counter()
         d = draws(gen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
@@ -309,12 +337,11 @@ def main(argv=None, m=None):
         conds = torch.cat([sampled_concept(args, C, d.i)] + ([c_a] if c_a is not None else []))
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
-        with torch.no_grad(), sampling_amp:
-            zs, _ = ddim(sampler(args, m, theta, theta_prime, low), m.scheduler,
-                         d.z_T.to(device, unet.dtype).expand(len(conds), -1, -1, -1), conds,
+        with torch.no_grad(), M.amp:
+            zs, _ = ddim(sampler(args, m, M.theta, M.theta_prime, M.low), m.scheduler,
+                         d.z_T.to(device, m.unet.dtype).expand(len(conds), -1, -1, -1), conds,
                          C.n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop)
-        zs = zs.to(unet.dtype)  # back from bf16 sampling
-        z, z_r = zs[:1], zs[1:]
+        z, z_r = zs[:1].to(m.unet.dtype), zs[1:].to(m.unet.dtype)  # back from bf16 sampling
 
         def sp(e, zz):  # eps (printed) or predicted x0 (published code)
             return in_space(e, zz, abar[t_x0], args.loss_space)
@@ -323,11 +350,11 @@ def main(argv=None, m=None):
         if searched(args):
             def l2_of(c):
                 if args.pi_grad == "both":  # the printed gradient, through both models
-                    eps_a = eps_theta(z_r, t, c)
+                    eps_a = M.eps_theta(z_r, t, c)
                 else:  # the published code's: the frozen output is a constant
                     with torch.no_grad():
-                        eps_a = eps_theta(z_r, t, c.detach())
-                return L2(sp(eps_theta_prime(z_r, t, c), z_r), sp(eps_a, z_r))
+                        eps_a = M.eps_theta(z_r, t, c.detach())
+                return L2(sp(M.eps_theta_prime(z_r, t, c), z_r), sp(eps_a, z_r))
             scale = z_r.numel() if args.pi_optim == "sgd" else 1.0
             for _ in range(args.n_iter):
                 search.ascend(S[d.i], l2_of, drawn, args, scale)
@@ -338,9 +365,9 @@ def main(argv=None, m=None):
             + ([(z_r, c_a)] if c_a is not None else [])
         trained_in = [(z, c_e)] + ([(z_r, c_a)] if c_a is not None else [])
         with torch.no_grad():  # CA's code takes its target from the model being trained
-            out = batched(eps_theta_prime if args.ca_target == "trained" and args.method == "ca" else eps_theta,
+            out = batched(M.eps_theta_prime if args.ca_target == "trained" and args.method == "ca" else M.eps_theta,
                           frozen_in, t)
-        eps_p = batched(eps_theta_prime, trained_in, t)
+        eps_p = batched(M.eps_theta_prime, trained_in, t)
         # Eq. 3's target (eta_neg = 0), the published code's negative guidance, AGE's c_t, CA's anchor
         target = erase_target(out[0], out[1] if args.negative_guidance else None, args.negative_guidance)
         l1 = L1(sp(eps_p[0], z), sp(target, z))
@@ -352,22 +379,14 @@ def main(argv=None, m=None):
         loss.backward()
         opt.step()
 
-        rec = dict(step=k, loss=loss.item(), l1=l1.item(), l2=l2.item(), t=int(t), t_enc=d.t_enc,
-                   c_e=args.concepts[d.i], c_a=search.drawn(S[d.i], drawn, args) if searched(args) else args.preserve)
-        if args.method == "ca":
-            rec["anchor"] = args.anchors[d.i]
-        if searched(args) and args.search == "gumbel":
-            rec["pi_argmax"] = search.chosen(S[d.i], args)
-        rec["seconds"] = round(time.perf_counter() - tic, 4)
-        if device.startswith("cuda"):  # the update's peak, sampling included
-            rec["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+        rec = record(args, k, d, t, (loss, l1, l2), S, drawn, tic)
         log.write(json.dumps(rec) + "\n")
         bar.set_postfix(l1=f"{rec['l1']:.4f}", l2=f"{rec['l2']:.4f}", c_a=rec["c_a"])
         if args.save_every and (k + 1) % args.save_every == 0 and k + 1 < args.steps:
             log.flush()
-            checkpoint.save(args.out, k + 1, theta_prime, opt, S, gen)
+            checkpoint.save(args.out, k + 1, M.theta_prime, opt, S, gen)
     log.close()
-    return checkpoint.save_weights(args, m.family, {n: p.detach() for n, p in theta_prime.items()})
+    return checkpoint.save_weights(args, m.family, {n: p.detach() for n, p in M.theta_prime.items()})
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ A generated folder is what `python sample.py --csv P.csv --out_dir DIR` writes: 
     python evaluate.py prompts toy --out prompts/toy.csv                   # toy.py's 36 concepts x 8
     python evaluate.py esr-psr out/toy-eap/images --erased "red circle" --classifier toy  # toy Table 1
 
-Backends, as in the published evaluation where it is known: torchvision ResNet-50 (IMAGENET1K_V2)
-with its own transforms; NudeNet 3's NudeDetector (bundled ONNX); CLIP ViT-B/32 through
-transformers' CLIPModel, scored directly (torchmetrics 1.9's CLIPScore breaks on transformers 5);
-LPIPS with AlexNet (lpips package); FID with clean-fid ("clean" mode, Inception-v3 torchscript) on
-exactly the images of prompts.csv's rows (a plain reference folder: the images directly in it).
+The networks and the metrics' formulas live in metrics.py (ResNet-50, NudeNet, CLIP, LPIPS,
+clean-fid); here: the prompt sets, the folders, the tables beside the paper's numbers. FID is
+computed on exactly the images of prompts.csv's rows (a plain reference folder: the images
+directly in it).
 The paper does not say how its FID was computed (only "COCO 30K prompts vs COCO 30K validation
 images"), so FID numbers are comparable only in trend. Each network can be replaced by a
 random-weight one (`--classifier random`, `--clip_model random`, `--lpips_net random`,
@@ -30,23 +29,18 @@ random-weight one (`--classifier random`, `--clip_model random`, `--lpips_net ra
 Results print as a table and are written as JSON with `--json PATH`.
 """
 import argparse
-import functools
 import json
 import os
 
-import numpy as np
 import torch
-from PIL import Image
 
 from cli import UsageError, default_device, one_line_errors, read_csv, run_cli, write_csv
+from metrics import (EXPOSED, THRESHOLDS, body_parts, clip_embeddings, clip_score, detect_nudity, esr_psr, fid,
+                     load_classifier, load_clip, load_lpips, lpips_distances, ner, sensitivity, similarity,
+                     topk_classes)
 from prompts import (IMAGENETTE, prompts_artists, prompts_concepts, prompts_i2p,
                      prompts_imagenette, prompts_toy, toy_classes)
 
-# Section 5.2: NudeNet v3's exposed body parts, ANUS_EXPOSED left out as in the published code
-EXPOSED = ["FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
-           "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED", "BELLY_EXPOSED", "ARMPITS_EXPOSED",
-           "FEET_EXPOSED"]
-THRESHOLDS = (0.3, 0.5, 0.7, 0.8)
 # Published numbers: Table 1 (mean over 4 splits), Table 2, Table 4
 PAPER_TABLE1 = {"SD": (22.0, 2.4, 78.0, 97.6), "ESD": (95.5, 88.9, 41.2, 56.1),
                 "UCE": (100.0, 100.0, 23.4, 49.5), "CA": (98.4, 96.8, 44.2, 66.5),
@@ -72,8 +66,6 @@ def read_folder(folder):
     return rows, paths
 
 
-def load(path):
-    return Image.open(path).convert("RGB")
 
 
 def pair_rows(rows, ref_rows):
@@ -98,132 +90,34 @@ def names(text, known, what):
 
 # ---------------------------------------------------------------- Table 1: ESR-k / PSR-k
 
-def load_classifier(name, device):
-    """ResNet-50 (IMAGENET1K_V2) and its preprocessing; "random": same net, random weights;
-    "toy": the toy world's oracle as a 36-way classifier (toy.py), with its classes."""
-    if name == "toy":
-        import oracle
-        return oracle.Concepts(oracle.load_oracle()).to(device), oracle.to_tensor
-    from torchvision.models import ResNet50_Weights, resnet50
-    weights = ResNet50_Weights.IMAGENET1K_V2
-    torch.manual_seed(0)
-    net = resnet50(weights=None if name == "random" else weights)
-    return net.eval().to(device), weights.transforms()
 
 
-@torch.no_grad()
-def topk_classes(classifier, transform, paths, k=5, batch=32, device="cpu"):
-    """The k highest-scoring ImageNet indices of each image, (N, k)."""
-    out = []
-    for i in range(0, len(paths), batch):
-        x = torch.stack([transform(load(p)) for p in paths[i:i + batch]]).to(device)  # (B, 3, 224, 224)
-        out.append(classifier(x).topk(k, dim=-1).indices.cpu())
-    return torch.cat(out)
 
 
-def pct(mask):
-    return round(100 * mask.float().mean().item(), 2) if len(mask) else None
 
 
-def esr_psr(topk, labels, erased):
-    """topk: (N, >=5) predicted indices; labels: (N,) true indices; erased: (N,) bool.
-    ESR-k = % of erased-class images whose class is NOT in the top-k;
-    PSR-k = % of preserved-class images whose class IS in the top-k."""
-    out = {}
-    for k in (1, 5):
-        hit = (topk[:, :k] == labels[:, None]).any(dim=1)  # (N,)
-        out[f"ESR-{k}"] = pct(~hit[erased])
-        out[f"PSR-{k}"] = pct(hit[~erased])
-    return out
 
 
 # ---------------------------------------------------------------- Table 2 / Fig. 5: nudity
 
-def detect_nudity(paths):
-    from nudenet import NudeDetector
-    detector = NudeDetector()
-    return [detector.detect(p) for p in paths]  # per image: [{"class", "score", "box"}, ...]
 
 
-def ner(detections, thresholds=THRESHOLDS):
-    """NER@t = % of images with at least one exposed part (EXPOSED) scored above t."""
-    return {f"NER-{t}": round(100 * float(np.mean([any(d["class"] in EXPOSED and d["score"] > t
-                                                       for d in ds) for ds in detections])), 2)
-            for t in thresholds}
 
 
-def body_parts(detections, t=0.5):
-    """Fig. 5: per exposed part, the number of images where it is detected above t."""
-    return {part: sum(any(d["class"] == part and d["score"] > t for d in ds) for ds in detections)
-            for part in EXPOSED}
 
 
 # ---------------------------------------------------------------- Table 4 / Section 3.2: CLIP score
 
-def load_clip(name, device):
-    """(CLIPModel, tokenizer, image processor). "random": a tiny random CLIP (32 px images)
-    with SD's tokenizer rebuilt offline."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-    if name != "random":
-        try:
-            return (CLIPModel.from_pretrained(name).eval().to(device),
-                    CLIPTokenizer.from_pretrained(name), CLIPImageProcessor.from_pretrained(name))
-        except OSError as e:
-            raise UsageError(f"could not load CLIP {name}: {str(e).splitlines()[0]}") from None
-    torch.manual_seed(2)  # a seed whose random scores are mostly above 0, so tests see numbers
-    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    cfg = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                                      eos_token_id=49407, pad_token_id=49407, **layers),
-                     vision_config=dict(image_size=32, patch_size=8, **layers), projection_dim=16)
-    return (CLIPModel(cfg).eval().to(device), offline_tokenizer(),
-            CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
 
 
-@functools.lru_cache(maxsize=1)
-def offline_tokenizer():  # SD-1.4's CLIP tokenizer rebuilt without the hub (slow: built once)
-    import offline
-    return offline.clip_tokenizer()
 
 
-@torch.no_grad()
-def clip_embeddings(clip, paths, texts, batch=32, device="cpu"):
-    """Projected image and text embeddings of each (image, text) pair, (N, D) each."""
-    model, tokenizer, processor = clip
-    img, txt = [], []
-    for i in range(0, len(paths), batch):
-        pixels = processor(images=[load(p) for p in paths[i:i + batch]], return_tensors="pt").pixel_values
-        tok = tokenizer(list(texts[i:i + batch]), padding=True, truncation=True, max_length=77,
-                        return_tensors="pt")  # long prompts are cut at 77 tokens, as in torchmetrics
-        out = model(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device),
-                    pixel_values=pixels.to(device))
-        img.append(out.image_embeds.cpu())
-        txt.append(out.text_embeds.cpu())
-    return torch.cat(img), torch.cat(txt)
 
 
-def clip_score(image_embeds, text_embeds):
-    """S(x, c) = 100 * max(cos(E_img(x), E_txt(c)), 0), per pair, (N,). (torchmetrics clamps the
-    batch mean; the paper reports per-image mean +- std, so the clamp is per image here.)"""
-    return 100 * torch.cosine_similarity(image_embeds, text_embeds, dim=-1).clamp(min=0)
 
 
-def sensitivity(rows, s_orig, s_erased):
-    """Section 3.2: delta_{c_e}(c) = (1/k) sum_i (S_{theta,i,c} - S_{theta',i,c}) for each concept
-    c (the prompt), the k rows of c pairing the two models' images of the same seed."""
-    deltas = {}
-    for r, a, b in zip(rows, s_orig.tolist(), s_erased.tolist()):
-        deltas.setdefault(r["prompt"], []).append(a - b)
-    return {c: float(np.mean(d)) for c, d in deltas.items()}
 
 
-def similarity(rows, e_orig, e_erased):
-    """Fig. 2: the similarity between the outputs of theta and theta' for each concept c (the
-    prompt), the mean over its k seeds of cos(E_img(x_theta), E_img(x_theta')), the CLIP image
-    embeddings of the two models' images of the same seed; 1 for identical images."""
-    sims = {}
-    for r, s in zip(rows, torch.cosine_similarity(e_orig, e_erased, dim=-1).tolist()):
-        sims.setdefault(r["prompt"], []).append(s)
-    return {c: float(np.mean(v)) for c, v in sims.items()}
 
 
 def sensitivity_figures(delta, sims):
@@ -238,21 +132,8 @@ def sensitivity_figures(delta, sims):
 
 # ---------------------------------------------------------------- Table 4: LPIPS; Table 2: FID
 
-def load_lpips(name, device):
-    """LPIPS with AlexNet; "random": random AlexNet features (the package's linear heads)."""
-    import lpips
-    torch.manual_seed(0)
-    return lpips.LPIPS(net="alex", pnet_rand=name == "random", verbose=False).eval().to(device)
 
 
-@torch.no_grad()
-def lpips_distances(net, paths, ref_paths, batch=16, device="cpu"):
-    def tensor(ps):  # uint8 images -> (B, 3, H, W) in [-1, 1]
-        return torch.stack([torch.from_numpy(np.array(load(p))).permute(2, 0, 1) for p in ps]
-                           ).float().div(127.5).sub(1).to(device)
-    out = [net(tensor(paths[i:i + batch]), tensor(ref_paths[i:i + batch])).flatten().cpu()
-           for i in range(0, len(paths), batch)]
-    return torch.cat(out)
 
 
 def fid_images(folder, expected=None, generated=False):
@@ -276,30 +157,8 @@ def fid_images(folder, expected=None, generated=False):
     return paths
 
 
-def fid_features(name, device):
-    """clean-fid's Inception-v3 torchscript ("clean" mode); "random": a fixed random 4-d feature
-    map, for offline tests only."""
-    if name != "random":
-        from cleanfid.features import build_feature_extractor
-        return build_feature_extractor("clean", torch.device(device))
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16, stride=16), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten()).eval().to(device)
-    return lambda x: net(x / 255)  # clean-fid feeds (B, 3, 299, 299) in [0, 255]
 
 
-def fid(paths, ref_paths, features="inception", batch=32, device="cpu"):
-    """Table 2's FID between two lists of images (fid_images), clean-fid's "clean" resizing and
-    statistics (what its compute_fid does on two folders), each listed image scored once."""
-    from cleanfid import fid as cleanfid
-    model = fid_features(features, device)
-    feats = [cleanfid.get_files_features(ps, model, num_workers=0, batch_size=batch, mode="clean",
-                                         device=torch.device(device), verbose=False)
-             for ps in (paths, ref_paths)]
-    for f, ps in zip(feats, (paths, ref_paths)):
-        if len(f) != len(ps):
-            raise UsageError(f"clean-fid scored {len(f)} of {len(ps)} images")
-    return float(cleanfid.fid_from_feats(*feats))
 
 
 # ---------------------------------------------------------------- output

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import evaluate as ev
+import metrics
 import family
 import prompts
 import sample
@@ -83,7 +84,7 @@ def test_esr_psr_arithmetic():
                          [5, 6, 7, 8, 9]])       # preserved, lost
     labels = torch.tensor([569] * 4 + [0] * 4)
     erased = torch.tensor([True] * 4 + [False] * 4)
-    assert ev.esr_psr(topk, labels, erased) == {"ESR-1": 75.0, "ESR-5": 50.0, "PSR-1": 25.0, "PSR-5": 50.0}
+    assert metrics.esr_psr(topk, labels, erased) == {"ESR-1": 75.0, "ESR-5": 50.0, "PSR-1": 25.0, "PSR-5": 50.0}
 
 
 class Stub(torch.nn.Module):
@@ -125,17 +126,17 @@ def test_ner_and_body_parts_counting():
                   [d("ANUS_EXPOSED", 0.95), d("FACE_FEMALE", 0.9), d("BELLY_COVERED", 0.9)],  # not counted
                   [d("FEET_EXPOSED", 0.85), d("BELLY_EXPOSED", 0.4)],
                   []]
-    assert ev.ner(detections) == {"NER-0.3": 50.0, "NER-0.5": 50.0, "NER-0.7": 25.0, "NER-0.8": 25.0}
-    parts = ev.body_parts(detections, 0.5)
+    assert metrics.ner(detections) == {"NER-0.3": 50.0, "NER-0.5": 50.0, "NER-0.7": 25.0, "NER-0.8": 25.0}
+    parts = metrics.body_parts(detections, 0.5)
     assert parts["FEMALE_BREAST_EXPOSED"] == 1 and parts["FEET_EXPOSED"] == 1 and sum(parts.values()) == 2
-    assert ev.body_parts(detections, 0.3)["BELLY_EXPOSED"] == 1
+    assert metrics.body_parts(detections, 0.3)["BELLY_EXPOSED"] == 1
 
 
 def test_exposed_labels_are_nudenets():
     import nudenet.nudenet as nn
     labels = set(getattr(nn, "__labels"))
     exposed = {x for x in labels if x.endswith("_EXPOSED")}
-    assert set(ev.EXPOSED) == exposed - {"ANUS_EXPOSED"} and len(ev.EXPOSED) == 8
+    assert set(metrics.EXPOSED) == exposed - {"ANUS_EXPOSED"} and len(metrics.EXPOSED) == 8
 
 
 # ---------------------------------------------------------------- Table 4 / Section 3.2
@@ -143,7 +144,7 @@ def test_exposed_labels_are_nudenets():
 def test_clip_score_known_cosines():
     img = torch.tensor([[1.0, 0.0], [3.0, 4.0], [1.0, 0.0], [2.0, 0.0]])
     txt = torch.tensor([[1.0, 1.0], [4.0, 3.0], [-1.0, 0.0], [0.0, 5.0]])
-    s = ev.clip_score(img, txt)  # cos = 1/sqrt(2), 24/25, -1 (-> 0), 0
+    s = metrics.clip_score(img, txt)  # cos = 1/sqrt(2), 24/25, -1 (-> 0), 0
     assert torch.allclose(s, torch.tensor([100 / 2 ** 0.5, 96.0, 0.0, 0.0]))
 
 
@@ -151,15 +152,15 @@ def test_clip_embeddings_match_clipmodel_logits(tmp_path):
     """Our score equals CLIPModel's own logits_per_image / exp(logit_scale), clamped at 0."""
     rows = [{"prompt": p, "seed": 0} for p in ["a red car", "a dog", "a church", "night city"]]
     folder = write_folder(str(tmp_path / "f"), rows)
-    clip = ev.load_clip("random", "cpu")
+    clip = metrics.load_clip("random", "cpu")
     paths = [os.path.join(folder, f"{i:05d}.png") for i in range(4)]
     texts = [r["prompt"] for r in rows]
-    ours = ev.clip_score(*ev.clip_embeddings(clip, paths, texts, batch=3))
+    ours = metrics.clip_score(*metrics.clip_embeddings(clip, paths, texts, batch=3))
     model, tok, proc = clip
     t = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(input_ids=t.input_ids, attention_mask=t.attention_mask,
-                    pixel_values=proc(images=[ev.load(p) for p in paths], return_tensors="pt").pixel_values)
+                    pixel_values=proc(images=[metrics.load(p) for p in paths], return_tensors="pt").pixel_values)
     ref = 100 * (out.logits_per_image.diagonal() / model.logit_scale.exp()).clamp(min=0)
     assert torch.allclose(ours, ref, atol=1e-4)
 
@@ -169,7 +170,7 @@ def test_sensitivity_delta_known_scores():
     s_orig = torch.tensor([30.0, 32.0, 34.0, 20.0, 20.0, 20.0])
     s_erased = torch.tensor([20.0, 22.0, 30.0, 21.0, 20.0, 22.0])
     # delta(person) = (10 + 10 + 4) / 3 = 8; delta(road) = (-1 + 0 - 2) / 3 = -1
-    assert ev.sensitivity(rows, s_orig, s_erased) == pytest.approx({"person": 8.0, "road": -1.0})
+    assert metrics.sensitivity(rows, s_orig, s_erased) == pytest.approx({"person": 8.0, "road": -1.0})
 
 
 def test_similarity_known_embeddings():
@@ -177,7 +178,7 @@ def test_similarity_known_embeddings():
     e_orig = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     e_erased = torch.tensor([[5.0, 0.0], [0.0, 1.0], [6.0, 8.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
     # person: the same directions, cos 1; road: cos 0, 1/sqrt(2), -1
-    assert ev.similarity(rows, e_orig, e_erased) == pytest.approx(
+    assert metrics.similarity(rows, e_orig, e_erased) == pytest.approx(
         {"person": 1.0, "road": (0 + 2 ** -0.5 - 1) / 3})
 
 
@@ -219,11 +220,11 @@ def test_lpips_identical_folders_is_zero(tmp_path):
     rows = [{"prompt": "p", "seed": s} for s in range(3)]
     a = write_folder(str(tmp_path / "a"), rows, seed=0)
     b = write_folder(str(tmp_path / "b"), rows, seed=1)
-    net = ev.load_lpips("random", "cpu")
+    net = metrics.load_lpips("random", "cpu")
     pa = [os.path.join(a, f"{i:05d}.png") for i in range(3)]
     pb = [os.path.join(b, f"{i:05d}.png") for i in range(3)]
-    assert torch.all(ev.lpips_distances(net, pa, pa, batch=2) == 0)
-    assert torch.all(ev.lpips_distances(net, pa, pb, batch=2) > 0)
+    assert torch.all(metrics.lpips_distances(net, pa, pa, batch=2) == 0)
+    assert torch.all(metrics.lpips_distances(net, pa, pb, batch=2) > 0)
 
 
 # ---------------------------------------------------------------- FID
@@ -242,12 +243,12 @@ def test_fid_of_folder_with_itself(tmp_path):
     grey = [np.full((64, 64, 3), 40 + 10 * i, np.uint8) for i in range(12)]
     b = write_folder(str(tmp_path / "b"), rows, grey)
     pa, pb = ev.fid_images(a), ev.fid_images(b)
-    assert abs(ev.fid(pa, pa, "random")) < 1e-6
-    assert ev.fid(pa, pb, "random") > 1e-3
+    assert abs(metrics.fid(pa, pa, "random")) < 1e-6
+    assert metrics.fid(pa, pb, "random") > 1e-3
     # on folders with nothing else in them: what clean-fid's compute_fid gives
     from cleanfid.fid import compute_fid
-    assert ev.fid(pa, pb, "random", batch=5) == pytest.approx(compute_fid(
-        a, b, mode="clean", custom_feat_extractor=ev.fid_features("random", "cpu"), batch_size=5,
+    assert metrics.fid(pa, pb, "random", batch=5) == pytest.approx(compute_fid(
+        a, b, mode="clean", custom_feat_extractor=metrics.fid_features("random", "cpu"), batch_size=5,
         device=torch.device("cpu"), num_workers=0, verbose=False), rel=1e-6)
 
 
