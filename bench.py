@@ -1,7 +1,8 @@
 """Speed and memory of the erasure loop: ours (erase.py) against the published code's schedule.
 
-Both run EAP model updates on the SD-1.4 UNet and text-encoder architecture with random
-weights (offline.py; nothing is downloaded), on the same device, in one run:
+Both run EAP model updates on a family's UNet and text-encoder architecture (--family: SD-1.4,
+SD-2.1, SDXL-base) with random weights (offline.py; nothing is downloaded), on the same device,
+in one run:
 - ours: erase.main itself: one UNet, the frozen model by swapping the original values of the
   trained subset in, z and z_r sampled in one batched DDIM loop (bf16 on CUDA) and shared by
   the N_iter search steps and the model step, frozen forwards batched, trained ones batched;
@@ -12,11 +13,13 @@ Both take their draws from erase.draws with the same seed: each update starts fr
 t_enc. UNet image-forwards are counted by a hook (a batch of b counts b).
 
     python bench.py --device cuda --json bench.json          # SD-1.4 size, 64x64 latents
+    python bench.py --device cuda --family sdxl --json bench-sdxl.json   # SDXL, 128x128 (1024 px)
     python bench.py --device cpu --json bench-cpu.json       # reduced: 8x8 latents, 4 DDIM steps
 
 It also reports the time of 1000 updates (the mean update, extrapolated) and the evaluation's
-generation throughput: sample.generate with SD-1.4's UNet and VAE (random weights), 100 DDIM
-steps, guidance 7.5, at sample.py's defaults (CUDA: fp16, batch 16; CPU: reduced sizes).
+generation throughput: sample.generate with the family's UNet and VAE (random weights), 100 DDIM
+steps, guidance 7.5, at sample.py's defaults (CUDA: fp16, batch 16; CPU: reduced sizes); and,
+without running anything, the full-size family's parameter counts and R's bytes.
 
 Each variant runs in a child process, so that its peak memory is its own.
 """
@@ -36,6 +39,7 @@ import erase
 import family
 import literal
 import offline
+import params
 import sample
 
 
@@ -43,12 +47,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--updates", type=int, default=None, help="model updates timed after one warm-up (GPU 20, CPU 1)")
-    p.add_argument("--latent", type=int, default=None, help="latent size (GPU 64 = 512 px, CPU 8)")
+    p.add_argument("--family", default="sd1", choices=offline.KINDS,
+                   help="sd1 (SD-1.4), sd2 (2.1-base), sd2-v (2.1, 768 px), sdxl (SDXL-base)")
+    p.add_argument("--latent", type=int, default=None, help="latent size (GPU: the family's native "
+                   "64, 96 or 128; CPU 8)")
     p.add_argument("--ddim_steps", type=int, default=None, help="GPU 50 (the default), CPU 4")
     p.add_argument("--fast_ddim_steps", type=int, default=None,
                    help="also time ours with fewer DDIM steps (GPU 10); the default stays 50")
-    p.add_argument("--size", default="sd14", choices=["sd14", "tiny"],
-                   help="tiny: offline.py's tiny UNet, a smoke test of this script")
+    p.add_argument("--size", default=None, choices=["full", "tiny"],
+                   help="tiny: offline.py's tiny UNet of the family (default on the CPU for other "
+                        "than sd1: the counts below stay full size)")
     p.add_argument("--n_iter", type=int, default=2)
     p.add_argument("--train_method", default="xattn")
     p.add_argument("--gen_images", type=int, default=None, help="images timed after a warm-up batch (GPU 64, CPU 2)")
@@ -57,8 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)  # ours|baseline|fast|generate, in a child process
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
+    a.size = a.size or ("full" if gpu or a.family == "sd1" else "tiny")
     a.updates = a.updates or (20 if gpu else 1)
-    a.latent = a.latent or (64 if gpu else 8)
+    a.latent = a.latent or (offline.configs(a.family, "full")["unet"]["sample_size"] if gpu else 8)
     a.ddim_steps = a.ddim_steps or (50 if gpu else 4)
     a.gen_images = a.gen_images or (64 if gpu else 2)
     a.gen_steps = a.gen_steps or (100 if gpu else 3)
@@ -66,12 +75,28 @@ def parse_args(argv=None):
 
 
 def build(a, vae=False):
-    """Random SD-1.4 UNet and text encoder, and the VAE where asked (training never decodes)."""
-    cfg = offline.configs("sd1", "full" if a.size == "sd14" else "tiny", latent=a.latent)
-    parts = offline.build(cfg, vae=vae)
-    from diffusers import DDIMScheduler
-    parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config)
-    return family.assemble(parts, "random-sd14", a.device)
+    """The family's random UNet and text encoder(s), and the VAE where asked (training never decodes)."""
+    parts = offline.build(offline.configs(a.family, a.size, latent=a.latent), vae=vae)
+    from diffusers import DDIMScheduler  # as family.load_model reads the scheduler
+    parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config, clip_sample=False, set_alpha_to_one=False)
+    return family.assemble(parts, f"random-{a.family}", a.device)
+
+
+def counts(kind):
+    """The full-size family's parameter counts (shapes only, on the meta device), what each
+    --train_method trains and writes, and R's bytes (fp16) for the default and CLIP vocabularies."""
+    from diffusers import UNet2DConditionModel
+    cfg = offline.configs(kind, "full")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg["unet"])
+    sizes = dict((n, p.numel()) for n, p in unet.named_parameters())
+    trained = {tm: sum(sizes[n] for n in params.trained_parameter_names(unet, tm)) for tm in params.TRAIN_METHODS}
+    L = 77 + (kind == "sdxl")  # SDXL: the pooled embedding's row
+    row = L * cfg["unet"]["cross_attention_dim"] * 2  # one concept of R, fp16
+    return dict(unet_parameters=sum(sizes.values()), trained_parameters=trained,
+                attn2_modules=len({n.split(".attn2")[0] for n in sizes if "attn2" in n}),
+                xattn_weights_mb=round(trained["xattn"] * 4 / 1e6, 1),
+                r_bytes=dict(default=2937 * row, clip=32875 * row), r_shape_per_concept=[L, cfg["unet"]["cross_attention_dim"]])
 
 
 def count_forwards(unet):
@@ -86,7 +111,7 @@ def ours_argv(a, workdir, ddim_steps):
     """erase.py's flags for both loops: EAP on a made-up R of 150 words (K = 100)."""
     vocab = os.path.join(workdir, "vocab.txt")
     open(vocab, "w").write("\n".join(f"w{i}" for i in range(150)))
-    return ["--model", "random-sd14", "--concept", "garbage truck", "--steps", str(a.updates + 1),
+    return ["--model", f"random-{a.family}", "--concept", "garbage truck", "--steps", str(a.updates + 1),
             "--vocab", vocab, "--ddim_steps", str(ddim_steps), "--n_iter", str(a.n_iter),
             "--train_method", a.train_method, "--device", a.device,
             "--out", os.path.join(workdir, f"ours-{ddim_steps}"), "--cache_dir", os.path.join(workdir, "cache")]
@@ -131,7 +156,7 @@ def run_generation(a):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - tic
     return dict(images_per_second=a.gen_images / seconds, batch=batch, precision=precision,
-                pixels=a.latent * 8 if m.vae is not None else a.latent)
+                pixels=m.pixels)
 
 
 def child(a):
@@ -172,7 +197,7 @@ def main(argv=None):
     fast = spawn(a, argv, "fast") if a.fast_ddim_steps else None
     gen = spawn(a, argv, "generate")
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
-    res = dict(device=name, size=a.size, latent=a.latent, ddim_steps=a.ddim_steps, n_iter=a.n_iter,
+    res = dict(device=name, family=a.family, size=a.size, latent=a.latent, ddim_steps=a.ddim_steps, n_iter=a.n_iter,
                updates=a.updates, train_method=a.train_method, t_enc=ours["t_enc"], t_encs_baseline=base["t_encs"],
                forwards_per_update_ours=ours["forwards_per_update"],
                forwards_per_update_baseline=base["forwards_per_update"],
@@ -181,12 +206,12 @@ def main(argv=None):
                peak_memory_bytes_baseline=base["peak_memory_bytes"],
                minutes_per_1000_updates_ours=1000 * ours["mean_seconds"] / 60,
                minutes_per_1000_updates_baseline=1000 * base["mean_seconds"] / 60,
-               generation=dict(gen, steps=a.gen_steps, guidance=7.5, images=a.gen_images))
+               generation=dict(gen, steps=a.gen_steps, guidance=7.5, images=a.gen_images), counts=counts(a.family))
     rows = [("UNet image-forwards / update", "forwards_per_update", "{:.1f}"),
             ("seconds / update", "seconds_per_update", "{:.3f}"),
             ("peak memory (GiB)", "peak_memory_bytes", "{:.2f}"),
             ("1000 updates (minutes, mean)", "minutes_per_1000_updates", "{:.1f}")]
-    print(f"device: {name}   {a.size}   latent {a.latent}x{a.latent}   ddim_steps {a.ddim_steps}   "
+    print(f"device: {name}   {a.family}, {a.size}   latent {a.latent}x{a.latent}   ddim_steps {a.ddim_steps}   "
           f"N_iter {a.n_iter}   {a.train_method}   t_enc {ours['t_enc']}")
     print(f"{'':32s}{'ours':>12s}{'baseline':>12s}{'ratio':>10s}")
     for label, key, fmt in rows:
@@ -200,6 +225,12 @@ def main(argv=None):
               f"forwards, {fast['seconds']:.3f} s / update")
     print(f"generation: {gen['images_per_second']:.3f} images / s ({gen['pixels']} px, {a.gen_steps} DDIM "
           f"steps, guidance 7.5, {gen['precision']}, batch {gen['batch']}, {a.gen_images} images timed)")
+    c = res["counts"]
+    print(f"full-size {a.family}: UNet {c['unet_parameters']:,} parameters, {c['attn2_modules']} attn2 modules; "
+          f"trained: " + ", ".join(f"{k} {v:,}" for k, v in c["trained_parameters"].items())
+          + f"; xattn weights {c['xattn_weights_mb']} MB; R in fp16 ({c['r_shape_per_concept'][0]} x "
+          f"{c['r_shape_per_concept'][1]} a concept): default {c['r_bytes']['default'] / 1e9:.2f} GB, "
+          f"clip {c['r_bytes']['clip'] / 1e9:.2f} GB")
     if a.json:
         json.dump(res, open(a.json, "w"), indent=1)
     return res

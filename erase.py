@@ -256,7 +256,7 @@ def models(args, m):
         unet.train()  # diffusers checkpoints only in training mode; SD's UNet has no dropout
     bf16 = args.precision == "bf16"
     low = dict(fixed=low_precision(unet, {n: p for n, p in unet.named_parameters() if n not in theta}),
-               theta=low_precision(unet, theta)) if bf16 else None
+               theta=low_precision(unet, theta) if args.sampler == "frozen" else None) if bf16 else None
     if args.compile:
         unet.compile(dynamic=False)  # in place: parameter names unchanged for functional_call
     return argparse.Namespace(theta_prime=theta_prime, theta=theta, low=low, eps_theta=frozen(m, theta),

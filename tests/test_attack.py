@@ -289,12 +289,14 @@ def readme_attack_commands():
     return [shlex.split(line, comments=True)[1:] for line in text.splitlines() if line.startswith("python ")]
 
 
-def test_readme_attack_commands(tiny_sd, tmp_path):
+@pytest.mark.parametrize("kind", ["sd1", "sd2-v", "sdxl"])
+def test_readme_attack_commands(tiny_kind, tmp_path, kind):
     """Every attack.py command of the Robustness section, reduced (1 timestep, 1 step, 2
     inversion steps, 2 DDIM steps, one prompt): on the toy model (weights erased by 2 esd steps)
-    or on the tiny random model in SD-1.4's place (weights from erase.py, a one-row prompt CSV,
-    ResNet-50's random twin for resnet50; NudeNet as shipped)."""
+    or on a tiny random model of each family in SD-1.4's place (weights from erase.py, a one-row
+    prompt CSV, ResNet-50's random twin for resnet50; NudeNet as shipped)."""
     import erase
+    tiny_sd = tiny_kind(kind)
     cmds = [c[1:] for c in readme_attack_commands() if c[0] == "attack.py"]
     assert len(cmds) >= 8 and any("--model" not in c for c in cmds)
     csv_file = tmp_path / "p.csv"
@@ -302,6 +304,8 @@ def test_readme_attack_commands(tiny_sd, tmp_path):
     weights = {}
     for i, argv in enumerate(cmds):
         toy = "--model" in argv and argv[argv.index("--model") + 1] == "toy"
+        if toy and kind != "sd1":
+            continue  # the toy world is SD-1-shaped: once is enough
         model = "toy" if toy else tiny_sd
         if model not in weights:
             weights[model] = erase.main(["--model", model, "--concept", "red circle" if toy else "church",

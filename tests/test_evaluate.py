@@ -371,13 +371,25 @@ def readme_commands():
 
 
 @pytest.fixture(scope="module")
-def tiny_sd32(tmp_path_factory):
-    """A tiny random SD folder that makes 32x32 images (LPIPS' AlexNet needs more than 16x16)."""
+def tiny32(tmp_path_factory):
+    """tiny32(kind): a tiny random folder of that family that makes 32x32 images (LPIPS' AlexNet
+    needs more than 16x16)."""
     import offline
-    return offline.save_random_pipeline(str(tmp_path_factory.mktemp("sd32")), cfg=offline.configs("sd1", latent=16))
+    built = {}
+
+    def folder(kind):
+        if kind not in built:
+            built[kind] = offline.save_random_pipeline(str(tmp_path_factory.mktemp(f"{kind}32")),
+                                                       cfg=offline.configs(kind, latent=16))
+        return built[kind]
+    return folder
 
 
-def test_readme_commands(tmp_path, monkeypatch, tiny_sd32):
+@pytest.mark.parametrize("kind", ["sd1", "sd2-v", "sdxl"])
+def test_readme_commands(tmp_path, monkeypatch, tiny32, kind):
+    """Every sample.py and evaluate.py command of the Evaluation section, on a tiny model of each
+    family in SD-1.4's place (the same commands with --model FOLDER)."""
+    tiny_sd32 = tiny32(kind)
     cmds = readme_commands()
     assert {c[2] for c in cmds if c[1] == "evaluate.py"} >= set(SMALL)
     monkeypatch.chdir(tmp_path)

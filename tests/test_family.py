@@ -163,3 +163,32 @@ def test_full_size_configs_have_the_published_parameter_counts():
         assert sum(p.numel() for p in params.values()) == total
         assert sum(params[n].numel() for n in names) == xattn and len({n.split(".attn2")[0] for n in names}) == modules
     assert tuple(params["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape) == (640, 2048)
+
+
+@pytest.mark.parametrize("kind,method", [("sd2-v", "eap"), ("sd2-v", "uce"), ("sdxl", "eap"), ("sdxl", "uce")])
+def test_erased_weights_load_into_the_diffusers_pipeline(tiny_kind, vocab, tmp_path, kind, method):
+    """erase.py's weights.safetensors into StableDiffusionPipeline / StableDiffusionXLPipeline:
+    every tensor has a home, the images change, and our sampler with the weights still agrees
+    with the pipeline with them. UCE on SDXL edits every attn2 key and value, 96 = 32 + 64 wide."""
+    import erase
+    from safetensors.torch import load_file
+    folder = tiny_kind(kind)
+    path = erase.main(["--model", folder, "--concept", "garbage truck", "--method", method, "--steps", "3",
+                       "--lr", "1e-2", "--K", "4", "--vocab", vocab, "--ddim_steps", "3", "--device", "cpu",
+                       "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    pipe, m = pipeline(folder, kind), family.load_model(folder)
+    z_T = family.noise(m, 1, 0, "cpu")
+    kw = dict(num_inference_steps=4, guidance_scale=7.5, latents=z_T, output_type="latent")
+    before = pipe("garbage truck", **kw).images
+    result = pipe.unet.load_state_dict(load_file(path), strict=False)
+    assert result.unexpected_keys == []
+    after = pipe("garbage truck", **kw).images
+    assert (after - before).abs().max() > 1e-4
+    family.load_weights(m, path)
+    c = family.encode(m, ["garbage truck"])
+    ours, _ = family.ddim(lambda z, t, c: family.eps(m, z, t, c), m.scheduler, z_T, c, family.empty(m), 7.5, 4)
+    assert torch.allclose(ours, after, atol=2e-5)
+    if method == "uce":
+        edited = load_file(path)
+        assert set(edited) == {n for n, _ in m.unet.named_parameters() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+        assert {w.shape[1] for w in edited.values()} == {m.unet.config.cross_attention_dim}

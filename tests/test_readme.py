@@ -29,12 +29,18 @@ def test_the_readme_has_the_commands():
     assert ["--concept", "garbage truck"] in ERASE
 
 
+FAMILIES = ["sd1", "sd2-v", "sdxl"]  # SD-1.4, SD-2.1 (768 px, v-prediction), SDXL-base: tiny random twins
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("argv", ERASE, ids=[" ".join(a)[:60] for a in ERASE])
-def test_erase_commands(argv, tiny_sd, tmp_path):
-    """Each README erase.py command runs, records the settings it names, and changes the UNet."""
+def test_erase_commands(argv, kind, tiny_kind, tmp_path):
+    """Each README erase.py command runs on every family (the same command with --model FOLDER),
+    records the settings it names, and changes the UNet."""
     import json
     from safetensors.torch import load_file
     from family import load_model
+    tiny_sd = tiny_kind(kind)
     test_flags = ["--model", tiny_sd, "--steps", "2", "--ddim_steps", "3", "--device", "cpu",
                   "--out", str(tmp_path / "out"), "--cache_dir", os.path.join(os.path.dirname(tiny_sd), "cache")]
     named = vars(erase.parse_args(argv))  # what the README's command alone asks for
@@ -54,18 +60,22 @@ def test_erase_commands(argv, tiny_sd, tmp_path):
         assert [r["c_e"] in named["concepts"] for r in log] == [True, True]
 
 
-def test_sample_and_offline_commands(tiny_sd, tmp_path):
-    made = tmp_path / "tiny-sd"
+def test_offline_commands(tmp_path):
     for argv in readme_commands("offline.py"):
-        argv = [made if a == "/tmp/tiny-sd" else a for a in argv]
-        subprocess.run([sys.executable, os.path.join(ROOT, "offline.py"), *map(str, argv)], check=True)
-    assert (made / "model_index.json").exists()
+        argv = [str(tmp_path / a[5:]) if a.startswith("/tmp/") else a for a in argv]
+        subprocess.run([sys.executable, os.path.join(ROOT, "offline.py"), *argv], check=True)
+        assert os.path.isfile(os.path.join(argv[1], "model_index.json"))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_sample_commands(kind, tiny_kind, tmp_path):
+    tiny_sd = tiny_kind(kind)
     weights = erase.main(["--model", tiny_sd, "--concept", "church", "--method", "esd", "--steps", "1",
                           "--ddim_steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
     for argv in readme_commands("sample.py"):
         if "--csv" in argv:
             continue  # prompt files: tests/test_evaluate.py runs the evaluation commands
-        argv = [weights if a == "out/weights.safetensors" else a for a in argv]
+        argv = [weights if a.endswith(".safetensors") else a for a in argv]
         sample.main(argv + ["--model", tiny_sd, "--steps", "2", "--device", "cpu",
                             "--out", str(tmp_path / "grid.png")])
         assert (tmp_path / "grid.png").exists()
@@ -112,3 +122,24 @@ def test_setup_is_two_commands_and_requirements_cover_every_import():
     dists = importlib.metadata.packages_distributions()
     missing = {m: dists.get(m) for m in modules if not {norm(d) for d in dists.get(m, [m])} & listed}
     assert not missing, missing
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_the_diffusers_snippet(kind, tiny_kind, tmp_path):
+    """The README's Python snippet (the SDXL line for SDXL), on a tiny model and the CPU: the
+    erased weights load into diffusers' own pipeline and it draws."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = text.split("## Use the result in diffusers", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    if kind == "sdxl":
+        code = "\n".join(line.replace("# SDXL: ", "") if line.startswith("# SDXL: ") else line
+                         for line in code.splitlines() if "StableDiffusionPipeline.from_pretrained" not in line)
+    weights = erase.main(["--model", tiny_kind(kind), "--concept", "garbage truck", "--method", "esd", "--steps", "1",
+                          "--ddim_steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
+    for hub in ("CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-xl-base-1.0"):
+        code = code.replace(f'"{hub}"', repr(tiny_kind(kind)))
+    code = code.replace('"cuda"', '"cpu"').replace('"out/weights.safetensors"', repr(weights))
+    scope = {}
+    exec(code.replace('pipe("a garbage truck on a road")', 'pipe("a garbage truck on a road", num_inference_steps=2)'),
+         scope)
+    assert type(scope["pipe"]).__name__ == ("StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline")
+    assert scope["image"].size == (16, 16)
