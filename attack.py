@@ -41,8 +41,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cli import UsageError, default_device, one_line_errors, read_csv, run_cli
-from family import SD14, empty, encode, encode_ids, eps, load_model, load_weights, tokenize
+from family import SD14, empty, encode, encode_ids, eps, load_model, tokenize
 from metrics import make_judge
+from params import load_weights
 from sample import grid, sample_from
 from unlearndiffatk import UDA, decode_prompt, unlearndiffatk
 

@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--size", default=None, choices=["full", "tiny"],
                    help="tiny: offline.py's tiny UNet of the family (default on the CPU for other "
                         "than sd1: the counts below stay full size)")
+    p.add_argument("--lora_rank", type=int, default=0, help="also time ours training a LoRA adapter of this "
+                   "rank (erase.py --lora_rank) against the full --train_method")
     p.add_argument("--n_iter", type=int, default=2)
     p.add_argument("--train_method", default="xattn")
     p.add_argument("--gen_images", type=int, default=None, help="images timed after a warm-up batch (GPU 64, CPU 2)")
@@ -117,14 +119,14 @@ def ours_argv(a, workdir, ddim_steps):
             "--out", os.path.join(workdir, f"ours-{ddim_steps}"), "--cache_dir", os.path.join(workdir, "cache")]
 
 
-def run_ours(a, m, workdir, ddim_steps):
+def run_ours(a, m, workdir, ddim_steps, extra=()):
     n = count_forwards(m.unet)
-    argv = ours_argv(a, workdir, ddim_steps)
-    erase.main(argv, m=m)
+    argv = ours_argv(a, workdir, ddim_steps) + list(extra)
+    result = erase.main(argv, m=m)
     log = [json.loads(line) for line in open(os.path.join(argv[argv.index("--out") + 1], "log.jsonl"))]
     timed = [r["seconds"] for r in log[1:]]  # the first update is a warm-up, not timed
     return dict(forwards=n[0], seconds=statistics.median(timed), mean_seconds=statistics.mean(timed),
-                t_enc=[r["t_enc"] for r in log])
+                t_enc=[r["t_enc"] for r in log], file_bytes=os.path.getsize(result))
 
 
 def run_baseline(a, m, unet_orig, workdir):
@@ -170,6 +172,8 @@ def child(a):
         with tempfile.TemporaryDirectory() as d:
             if a.child == "baseline":
                 r = run_baseline(a, m, build(a).unet, d)  # the second copy
+            elif a.child == "lora":  # the adapter file in fp16, erase.py's default
+                r = run_ours(a, m, d, a.ddim_steps, ["--lora_rank", str(a.lora_rank)])
             else:
                 r = run_ours(a, m, d, a.ddim_steps if a.child == "ours" else a.fast_ddim_steps)
         r["forwards_per_update"] = r.pop("forwards") / (a.updates + 1)
@@ -195,6 +199,7 @@ def main(argv=None):
     ours = spawn(a, argv, "ours")
     base = spawn(a, argv, "baseline")  # the same seed: the same draws at each update's start
     fast = spawn(a, argv, "fast") if a.fast_ddim_steps else None
+    adapter = spawn(a, argv, "lora") if a.lora_rank else None
     gen = spawn(a, argv, "generate")
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     res = dict(device=name, family=a.family, size=a.size, latent=a.latent, ddim_steps=a.ddim_steps, n_iter=a.n_iter,
@@ -223,6 +228,14 @@ def main(argv=None):
                    forwards_per_update_ours_fast=fast["forwards_per_update"])
         print(f"ours with --ddim_steps {a.fast_ddim_steps}: {fast['forwards_per_update']:.1f} "
               f"forwards, {fast['seconds']:.3f} s / update")
+    if adapter:
+        res["lora"] = dict(rank=a.lora_rank, **{k: adapter[k] for k in ("seconds", "peak_memory_bytes", "file_bytes",
+                                                                       "forwards_per_update")})
+        res["weights_file_bytes_ours"] = ours["file_bytes"]
+        print(f"LoRA r = {a.lora_rank} ({a.train_method}'s modules) against the full {a.train_method}: "
+              f"{adapter['seconds']:.3f} vs {ours['seconds']:.3f} s / update, peak "
+              f"{adapter['peak_memory_bytes'] / 2 ** 30:.2f} vs {ours['peak_memory_bytes'] / 2 ** 30:.2f} GiB, "
+              f"file {adapter['file_bytes'] / 1e6:.2f} MB (fp16) vs {ours['file_bytes'] / 1e6:.1f} MB (fp32)")
     print(f"generation: {gen['images_per_second']:.3f} images / s ({gen['pixels']} px, {a.gen_steps} DDIM "
           f"steps, guidance 7.5, {gen['precision']}, batch {gen['batch']}, {a.gen_images} images timed)")
     c = res["counts"]

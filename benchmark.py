@@ -20,11 +20,13 @@ import torch
 
 import attack
 import erase
+import lora
 import unlearndiffatk
 from cli import UsageError, one_line_errors, run_cli
-from family import empty, load_model, load_weights
+from family import empty, load_model
 from metrics import make_judge
 from oracle import ORACLE, load_oracle, recognise
+from params import load_weights
 from sample import generate
 from tables import (add_robustness, aggregate, figures, markdown_table, mean_std, partition, picture,
                     spectrum, verdict)
@@ -41,7 +43,7 @@ def methods(args, related):
     """Table 1's rows: erase.py's flags for each method (Fig. 1b's fixed choices included) on
     one split of E; `related` is that split's c_a of fixed_related (related_concept)."""
     train = ["--train_method", args.train_method, "--steps", str(args.erase_steps), "--lr", str(args.lr),
-             "--ddim_steps", str(args.ddim_steps)]
+             "--ddim_steps", str(args.ddim_steps)] + (["--lora_rank", str(args.lora_rank)] if args.lora_rank else [])
     esd_target = [*train, "--negative_guidance", str(args.negative_guidance)]
     searched = ["--vocab", args.vocab, "--K", str(args.K), "--n_iter", str(args.n_iter),
                 "--eta", str(args.eta), "--tau", str(args.tau)]
@@ -108,24 +110,30 @@ def read_concepts(job):
     return 100 * hit.reshape(36, len(seeds)).mean(1), imgs
 
 
+def reset(m, theta):
+    """The original model again: no adapter, the original values."""
+    lora.remove(m.unet)
+    m.unet.load_state_dict(theta)
+
+
 def erase_and_read(job):
     """One run: erase job's E with one method and seed through erase.py (its output in the run's
     folder, erase.log included), load the weights from the file it wrote, as any user would, and
     read every concept. Runs in a worker process (or in this one with --jobs 1)."""
     tic = time.time()
     m, theta = _WORKER["m"], _WORKER["theta"]
-    m.unet.load_state_dict(theta)
+    reset(m, theta)
     if job["method"] == "original":  # --attacks on the original model: nothing to erase or read
         return dict(attacks=attack_concepts(job), seconds=round(time.time() - tic, 1))
     os.makedirs(job["out"], exist_ok=True)
     with open(os.path.join(job["out"], "erase.log"), "w") as f, redirect_stdout(f), redirect_stderr(f):
         weights = erase.main([*job["argv"], "--out", job["out"]], m=m)
     erase_seconds = time.time() - tic
-    m.unet.load_state_dict(theta)
-    load_weights(m, weights)
+    reset(m, theta)
+    load_weights(m, weights)  # as a user would: a full delta, or an adapter
     acc, imgs = read_concepts(job)
     attacks = attack_concepts(job) if job["attack"] else None
-    m.unet.load_state_dict(theta)
+    reset(m, theta)
     log = os.path.join(job["out"], "log.jsonl")  # one line per update (uce: one line, no c_a)
     recs = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
     c_a = Counter(r.get("c_a") if r.get("anchor") is None else r["anchor"] for r in recs)  # ca: its anchor c*
@@ -289,6 +297,8 @@ def parse_args(argv=None):
     b.add_argument("--erase_steps", type=int, default=150)
     b.add_argument("--lr", type=float, default=3e-4)
     b.add_argument("--train_method", default="xattn")
+    b.add_argument("--lora_rank", type=int, default=0, help="the trained methods into LoRA adapters of this rank "
+                   "(erase.py --lora_rank; 0: the full parameters)")
     # 1, the published code's target (and ESD's): at Eq. 3's printed target (0) eap erased both
     # concepts to ESR-1 >= 90% at no setting tried within a CPU's budget (README, toy world)
     b.add_argument("--negative_guidance", type=float, default=1.0,

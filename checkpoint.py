@@ -88,7 +88,12 @@ def save_weights(args, family, tensors):
     save_atomic({n: w.cpu().contiguous() for n, w in tensors.items()}, weights,
                 metadata={"model": str(args.model), "method": args.method, "concept": args.concept,
                           "family": family})
-    if os.path.exists(os.path.join(args.out, RESUME)):
-        os.remove(os.path.join(args.out, RESUME))
     print(json.dumps({"wrote": weights, "parameters": sum(w.numel() for w in tensors.values())}))
-    return weights
+    return finished(args.out, weights)
+
+
+def finished(out, result):
+    """A run's result is written: its checkpoint goes."""
+    if os.path.exists(os.path.join(out, RESUME)):
+        os.remove(os.path.join(out, RESUME))
+    return result

@@ -34,12 +34,13 @@ import torch
 from tqdm import trange
 
 import checkpoint
+import lora
 import search
 import uce
 from cli import UsageError, default_device, one_line_errors, run_cli
 from family import SD14, ddim, empty, encode, eps, load_model
 from losses import L1, L2, erase_target, in_space, total
-from params import TRAIN_METHODS, frozen, low_precision, split
+from params import TRAIN_METHODS, frozen, low_precision, split, trained_parameter_names
 
 METHODS = ("eap", "esd", "fixed", "age", "uce", "ca")
 
@@ -68,6 +69,12 @@ def parse_args(argv=None):
                    help="ca: the anchor's prediction from the frozen model (the objective CA derives) "
                         "or from the model being trained, under no_grad (CA's published code)")
     p.add_argument("--train_method", default="xattn", choices=TRAIN_METHODS)
+    # a LoRA adapter instead of the full parameters (lora.py): theta' = W + (alpha / r) B A
+    p.add_argument("--lora_rank", type=int, default=0, help="r of a LoRA adapter (0: train the full parameters)")
+    p.add_argument("--lora_alpha", type=float, default=None, help="the adapter's alpha (default: r)")
+    p.add_argument("--lora_format", default="diffusers", choices=["diffusers", "kohya"],
+                   help="diffusers' pytorch_lora_weights.safetensors, or kohya's (A1111, ComfyUI)")
+    p.add_argument("--lora_dtype", default="fp16", choices=["fp16", "fp32"], help="the adapter file's dtype")
     # Section 5 / Appendix B.1: 1000 steps, batch 1, Adam, lr 1e-5, lambda 1, K 100 (50 nudity)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -130,6 +137,10 @@ def parse_args(argv=None):
             raise UsageError(f"--{name} must be at least 1")
     if not 0 <= args.gumbel_topk <= args.K:
         raise UsageError(f"--gumbel_topk must be between 0 and --K ({args.K})")
+    if args.lora_rank < 0 or (args.lora_alpha is not None and args.lora_alpha <= 0):
+        raise UsageError("--lora_rank must be at least 1 (0: the full parameters), --lora_alpha above 0")
+    if args.lora_rank and args.method == "uce":
+        raise UsageError("--method uce is a closed-form full edit: export.py lora turns its weights into an adapter")
     if args.method == "ca":
         args.anchors = per_concept(args.anchor, args.concepts, "--anchor")
         if args.anchor is None:  # CA's objects: an instance goes to its category (grumpy cat -> cat)
@@ -183,13 +194,13 @@ def sampled_concept(args, C, i):
     return C.anchor[i:i + 1] if args.method == "ca" else C.e[i:i + 1]
 
 
-def sampler(args, m, theta, theta_prime, low):
+def sampler(args, m, M):
     """The eps function z_t and z_r are sampled with: theta' as it is now, or theta (--sampler
-    frozen; CA), in bf16 copies when sampling runs in bf16 (low: the frozen ones, made once)."""
-    values = dict(theta) if args.sampler == "frozen" else {}
-    if low:
-        values |= low["fixed"] | (low["theta"] if args.sampler == "frozen" else low_precision(m.unet, theta_prime))
-    return lambda z, t, c: eps(m, z, t, c, values or None)
+    frozen; CA), in bf16 copies when sampling runs in bf16 (M.low: the frozen ones, made once)."""
+    if args.sampler == "frozen":
+        return frozen(m, M.theta, M.low and {**M.low["fixed"], **M.low["theta"]})
+    values = {**M.low["fixed"], **low_precision(m.unet, M.theta_prime)} if M.low else None
+    return lambda z, t, c: eps(m, z, t, c, values)
 
 
 def concepts(m, args):
@@ -250,16 +261,22 @@ def models(args, m):
     if args.device == "cpu" and sum(p.numel() for p in unet.parameters()) > 1e8:
         warnings.warn("running a full-size UNet on the CPU: impractically slow (about a minute "
                       "per forward+backward); use a CUDA GPU, or --model toy")
-    theta_prime, theta = split(unet, args.train_method)
+    config = None
+    if args.lora_rank:  # theta' is the adapter, theta the UNet with it off: no copy
+        targets = lora.target_modules(unet, args.train_method, trained_parameter_names(unet, args.train_method))
+        theta_prime, config = lora.add(unet, targets, args.lora_rank, args.lora_alpha, args.seed)
+        theta = {}
+    else:
+        theta_prime, theta = split(unet, args.train_method)
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in training mode; SD's UNet has no dropout
     bf16 = args.precision == "bf16"
-    low = dict(fixed=low_precision(unet, {n: p for n, p in unet.named_parameters() if n not in theta}),
+    low = dict(fixed=low_precision(unet, {n: p for n, p in unet.named_parameters() if n not in theta_prime}),
                theta=low_precision(unet, theta) if args.sampler == "frozen" else None) if bf16 else None
     if args.compile:
         unet.compile(dynamic=False)  # in place: parameter names unchanged for functional_call
-    return argparse.Namespace(theta_prime=theta_prime, theta=theta, low=low, eps_theta=frozen(m, theta),
+    return argparse.Namespace(theta_prime=theta_prime, theta=theta, low=low, eps_theta=frozen(m, theta), lora=config,
                               eps_theta_prime=lambda z, t, c: eps(m, z, t, c),
                               amp=torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=bf16))
 
@@ -289,7 +306,7 @@ def start(args, m, theta_prime, opt, S, gen):
 
 def record(args, k, d, t, losses, S, drawn, tic):
     """One line of log.jsonl: the update's losses, timesteps, concepts, time, peak GPU memory."""
-    loss, l1, l2 = (float(x) for x in losses)
+    loss, l1, l2 = (x.item() for x in losses)
     rec = dict(step=k, loss=loss, l1=l1, l2=l2, t=int(t), t_enc=d.t_enc, c_e=args.concepts[d.i],
                c_a=search.drawn(S[d.i], drawn, args) if searched(args) else args.preserve)
     if args.method == "ca":
@@ -338,7 +355,7 @@ def main(argv=None, m=None):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad(), M.amp:
-            zs, _ = ddim(sampler(args, m, M.theta, M.theta_prime, M.low), m.scheduler,
+            zs, _ = ddim(sampler(args, m, M), m.scheduler,
                          d.z_T.to(device, m.unet.dtype).expand(len(conds), -1, -1, -1), conds,
                          C.n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop)
         z, z_r = zs[:1].to(m.unet.dtype), zs[1:].to(m.unet.dtype)  # back from bf16 sampling
@@ -386,6 +403,10 @@ def main(argv=None, m=None):
             log.flush()
             checkpoint.save(args.out, k + 1, M.theta_prime, opt, S, gen)
     log.close()
+    if M.lora:  # the adapter file, then the finished run's checkpoint goes
+        path = lora.save(args.out, m.unet, M.lora, m.family, dict(model=str(args.model), method=args.method,
+                         concept=args.concept, train_method=args.train_method), args.lora_format, args.lora_dtype)
+        return checkpoint.finished(args.out, path)
     return checkpoint.save_weights(args, m.family, {n: p.detach() for n, p in M.theta_prime.items()})
 
 

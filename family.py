@@ -22,8 +22,6 @@ import argparse
 import os
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.func import functional_call
 from tqdm import tqdm
 
@@ -257,35 +255,3 @@ def decode(m, z):
     """z_0 -> images in [0, 1], (B, 3, H, W). A pixel-space model (no VAE) samples images directly."""
     x = z if m.vae is None else m.vae.decode((z / m.vae.config.scaling_factor).to(m.vae.dtype)).sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
-
-
-# ---------------------------------------------------------------------------- erased weights
-def weights_family(path):
-    """The family a weights file was made for (erase.py's metadata), or None."""
-    with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("family")
-
-
-def load_weights(m, path):
-    """Apply erase.py's output (trained parameters only, under the UNet's own names) to m.unet."""
-    m.unet.load_state_dict(checked_weights(m, path), strict=False)
-
-
-def checked_weights(m, path):
-    """erase.py's output as {name: tensor}, refused in one line when it was made for another
-    family, or does not fit m.unet (a name it lacks, another shape)."""
-    if not os.path.isfile(path) or not path.endswith(".safetensors"):
-        raise UsageError(f"weights {path} is not a .safetensors file")
-    made_for = weights_family(path)
-    if made_for and made_for != m.family:
-        raise UsageError(f"weights {path} were made for an {made_for} model; {m.name} is {m.family}")
-    state = load_file(path)
-    params = dict(m.unet.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise UsageError(f"weights {path} do not fit this UNet (e.g. {unknown[0]})")
-    wrong = [n for n in state if state[n].shape != params[n].shape]
-    if wrong:
-        raise UsageError(f"weights {path} do not fit this UNet: {wrong[0]} is {tuple(state[wrong[0]].shape)}, "
-                         f"the UNet's {tuple(params[wrong[0]].shape)}")
-    return state

@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from cli import UsageError, default_device, one_line_errors, read_csv, run_cli
-from family import SD14, checked_weights, ddim, decode, empty, encode, eps, load_model, load_weights, noise
+from family import SD14, ddim, decode, empty, encode, eps, load_model, noise
+from params import load_weights, prepared
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -165,7 +166,7 @@ def main(argv=None):
     if not all(prompts):
         raise UsageError("empty prompt in --prompts")
     m = load_model(args.model, args.device)
-    erased = checked_weights(m, args.weights) if args.weights else None  # refused before generating
+    erased = prepared(m, args.weights) if args.weights else None  # refused before generating
     pairs = [(p, s) for p in prompts for s in args.seeds]
     set_precision(m, args.precision)
 
@@ -176,7 +177,7 @@ def main(argv=None):
 
     panels = [panel(f"original: {args.model}")]
     if erased:
-        m.unet.load_state_dict(erased, strict=False)
+        erased()
         panels.append(panel(f"erased: {os.path.basename(args.weights)}"))
     tmp = args.out + ".tmp.png"
     side_by_side(panels).save(tmp)

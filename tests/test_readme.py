@@ -82,14 +82,33 @@ def test_sample_commands(kind, tiny_kind, tmp_path):
 
 
 def test_bench_commands(tmp_path):
+    """Each README bench.py command on the CPU at the tiny size (commands that differ only in
+    --device and --json run once). The SDXL run's full-size counts are SDXL-base's: 2,567,463,684
+    UNet parameters, 70 attn2 modules (545,670,400 parameters), R at 78 x 2048 a concept in fp16;
+    and its forwards per update follow the same formula as SD-1.4's (tests/test_bench.py)."""
+    import json
+    seen = set()
     for argv in readme_commands("bench.py"):
-        if "--json" in argv:  # written to the test's own folder instead
-            i = argv.index("--json")
-            argv = argv[:i] + argv[i + 2:]
+        for flag in ("--json", "--device"):  # the test's own folder, and the CPU
+            if flag in argv:
+                i = argv.index(flag)
+                argv = argv[:i] + argv[i + 2:]
+        if tuple(argv) in seen:
+            continue
+        seen.add(tuple(argv))
         p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *argv, "--device", "cpu",
-                            "--size", "tiny", "--updates", "1", "--ddim_steps", "3",
+                            "--size", "tiny", "--updates", "1", "--ddim_steps", "3", "--gen_steps", "2",
                             "--json", str(tmp_path / "b.json")], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-1000:]
+        r = json.load(open(tmp_path / "b.json"))
+        n = len(r["t_enc"])
+        assert r["forwards_per_update_ours"] == sum(4 * t + 2 * 2 + 4 for t in r["t_enc"]) / n
+        if "sdxl" in argv:
+            c = r["counts"]
+            assert r["family"] == "sdxl" and c["unet_parameters"] == 2_567_463_684 and c["attn2_modules"] == 70
+            assert c["trained_parameters"]["xattn"] == 545_670_400 and c["r_shape_per_concept"] == [78, 2048]
+            assert c["r_bytes"]["clip"] == 32875 * 78 * 2048 * 2
+    assert len(seen) == 3
 
 
 def test_setup_is_two_commands_and_requirements_cover_every_import():
