@@ -41,6 +41,7 @@ import literal
 import offline
 import params
 import sample
+import search
 
 
 def parse_args(argv=None):
@@ -86,7 +87,8 @@ def build(a, vae=False):
 
 def counts(kind):
     """The full-size family's parameter counts (shapes only, on the meta device), what each
-    --train_method trains and writes, and R's bytes (fp16) for the default and CLIP vocabularies."""
+    --train_method trains and writes, and R's bytes (fp16) for the default and CLIP vocabularies
+    (their lengths from search.load_vocab on the real BPE: every family's tokenizers share it)."""
     from diffusers import UNet2DConditionModel
     cfg = offline.configs(kind, "full")
     with torch.device("meta"):
@@ -95,10 +97,12 @@ def counts(kind):
     trained = {tm: sum(sizes[n] for n in params.trained_parameter_names(unet, tm)) for tm in params.TRAIN_METHODS}
     L = 77 + (kind == "sdxl")  # SDXL: the pooled embedding's row
     row = L * cfg["unet"]["cross_attention_dim"] * 2  # one concept of R, fp16
+    tok = offline.clip_tokenizer()
+    words = {v: len(search.load_vocab(v, tok)) for v in ("default", "clip")}
     return dict(unet_parameters=sum(sizes.values()), trained_parameters=trained,
                 attn2_modules=len({n.split(".attn2")[0] for n in sizes if "attn2" in n}),
                 xattn_weights_mb=round(trained["xattn"] * 4 / 1e6, 1),
-                r_bytes=dict(default=2937 * row, clip=32875 * row), r_shape_per_concept=[L, cfg["unet"]["cross_attention_dim"]])
+                r_words=words, r_bytes={v: n * row for v, n in words.items()}, r_shape_per_concept=[L, cfg["unet"]["cross_attention_dim"]])
 
 
 def count_forwards(unet):
@@ -242,8 +246,8 @@ def main(argv=None):
     print(f"full-size {a.family}: UNet {c['unet_parameters']:,} parameters, {c['attn2_modules']} attn2 modules; "
           f"trained: " + ", ".join(f"{k} {v:,}" for k, v in c["trained_parameters"].items())
           + f"; xattn weights {c['xattn_weights_mb']} MB; R in fp16 ({c['r_shape_per_concept'][0]} x "
-          f"{c['r_shape_per_concept'][1]} a concept): default {c['r_bytes']['default'] / 1e9:.2f} GB, "
-          f"clip {c['r_bytes']['clip'] / 1e9:.2f} GB")
+          f"{c['r_shape_per_concept'][1]} a concept): default ({c['r_words']['default']:,}) "
+          f"{c['r_bytes']['default'] / 1e9:.2f} GB, clip ({c['r_words']['clip']:,}) {c['r_bytes']['clip'] / 1e9:.2f} GB")
     if a.json:
         json.dump(res, open(a.json, "w"), indent=1)
     return res

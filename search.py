@@ -18,10 +18,15 @@ Section 4 and Appendix B.1. For each erased concept c_e:
   taken at the current pi (`concept`, `ascend`; erase.py supplies L2).
 `--search pgd` instead ascends a continuous c_a started at c_e (Fig. 4, top).
 
-The vocabularies: a file (one concept per line); "clip", the tokenizer's own vocabulary
-filtered to whole lowercase a-z words (Table 7); "default", the 3,000 most frequent English
-words from wordfreq, alphabetic only (2,937 words): an openly licensed stand-in, installed with
-pip and offline, for the Oxford 3000 list the paper uses (a publisher's list, not shipped here);
+The vocabularies: a file (one concept per line); "default", the published R: the EAP
+repository's `data/english_3000.csv` (column `word`), shipped as data/english_3000.txt, with the
+published filter (a word is dropped when, lowercased, it holds a character outside a-z and
+"</>": 2,994 of 3,000 stay, e.g. "e-mail" and "n't" go), words kept as written; "wordfreq",
+the 3,000 most frequent English words from wordfreq, alphabetic only (2,937 words; this
+project's default before the published list was shipped); "clip", Table 7's vocabulary as
+published: every tokenizer entry that passes the same filter, embedded as its literal text
+("apple</w>", which the tokenizer reads as "apple", "</", "w", ">"): 46,585 entries; "clip-words",
+the whole lowercase a-z words among them with the end-of-word mark dropped (32,875);
 "imagenet", AGE's object vocabulary: the 1,000 ImageNet class names that torchvision's
 ResNet-50 weights carry (no download), as they are: case kept ("Cardigan" the corgi and
 "cardigan" the sweater are two classes), all 1,000 distinct, "tench" first. AGE's code
@@ -45,21 +50,35 @@ from cli import UsageError
 from family import encode
 
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
 def is_lower_word(w):
-    """A word of Table 7's CLIP vocabulary: one or more lowercase letters a-z, nothing else."""
+    """A word of `clip-words`: one or more lowercase letters a-z, nothing else."""
     return w.isascii() and w.isalpha() and w.islower()
+
+
+def published_word(w):
+    """The published code's filter (detect_special_tokens): lowercased, only a-z and '</>'."""
+    return all(ch in "abcdefghijklmnopqrstuvwxyz</>" for ch in w.lower())
 
 
 def load_vocab(spec, tokenizer, erased=(), keep_erased=False):
     """The concept space R as a list of words. R = C \\ E as printed: erased concepts are
     dropped (the published code keeps them; --keep_erased)."""
-    if spec == "default":
+    if spec == "default":  # the published list, with the published filter: 2,994 words
+        words = [w.rstrip("\n") for w in open(os.path.join(DATA, "english_3000.txt"), encoding="utf-8")]
+        words = [w for w in words if w and published_word(w)]
+    elif spec == "wordfreq":
         from wordfreq import top_n_list
         words = [w for w in top_n_list("en", 3000) if w.isalpha() and w.isascii()]
     elif spec == "imagenet":  # AGE's objects: ImageNet's 1,000 class names, as torchvision has them
         from torchvision.models import ResNet50_Weights
         words = list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
-    elif spec == "clip":  # whole words: lowercase a-z with the end-of-word mark (not 'A'..'Z')
+    elif spec == "clip":  # as published: every entry passing the filter, as its literal text
+        vocab = tokenizer.get_vocab()
+        words = [t for t in sorted(vocab, key=vocab.get) if published_word(t)]  # in id order
+    elif spec == "clip-words":  # whole words: lowercase a-z with the end-of-word mark (not 'A'..'Z')
         words = sorted(t[:-4] for t in tokenizer.get_vocab()
                        if t.endswith("</w>") and is_lower_word(t[:-4]))
     else:

@@ -107,7 +107,8 @@ def test_bench_commands(tmp_path):
             c = r["counts"]
             assert r["family"] == "sdxl" and c["unet_parameters"] == 2_567_463_684 and c["attn2_modules"] == 70
             assert c["trained_parameters"]["xattn"] == 545_670_400 and c["r_shape_per_concept"] == [78, 2048]
-            assert c["r_bytes"]["clip"] == 32875 * 78 * 2048 * 2
+            assert c["r_words"] == {"default": 2994, "clip": 46585}  # the published lists' lengths
+            assert c["r_bytes"]["clip"] == 46585 * 78 * 2048 * 2
     assert len(seen) == 3
 
 

@@ -192,10 +192,12 @@ def test_vocabularies(tmp_path, tiny_sd):
     f.write_text("truck\n\ncar\ngarbage truck\ncar\n")
     assert search.load_vocab(str(f), m.tokenizer, ["garbage truck"]) == ["truck", "car"]
     assert search.load_vocab(str(f), m.tokenizer, ["garbage truck"], keep_erased=True)[-1] == "garbage truck"
-    clip = search.load_vocab("clip", m.tokenizer)
-    assert 30000 < len(clip) < 40000 and all(w.isalpha() for w in clip) and "truck" in clip
-    default = search.load_vocab("default", m.tokenizer)
-    assert 2900 < len(default) <= 3000 and "truck" in default
+    default = search.load_vocab("default", m.tokenizer)  # the published list, published filter
+    assert len(default) == 2994 and "truck" in default and "African" in default  # as written
+    assert not {"e-mail", "n't", "long-term"} & set(default)
+    assert len(search.load_vocab("default", m.tokenizer, ["Truck"])) == 2993  # E dropped, any case
+    wordfreq = search.load_vocab("wordfreq", m.tokenizer)
+    assert len(wordfreq) == 2937 and all(w.isalpha() for w in wordfreq)
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(UsageError, match="empty"):
         search.load_vocab(str(tmp_path / "empty.txt"), m.tokenizer)
@@ -216,11 +218,18 @@ def test_embeddings_are_computed_once_and_cached(tmp_path, tiny_sd, monkeypatch)
     assert calls == []  # read from the cache, not encoded again
 
 
-def test_clip_vocabulary_is_lowercase_words(tiny_sd):
+def test_clip_vocabularies(tiny_sd):
+    """Table 7's CLIP vocabulary as published: every entry passing the published filter, as its
+    literal text (46,585, 32,915 of them with the end-of-word mark); clip-words: whole words."""
     m = load_model(tiny_sd)
     clip = search.load_vocab("clip", m.tokenizer)
-    assert not any(c.isupper() for w in clip for c in w)  # not the byte symbols 'A'..'Z'
-    assert all(w.isascii() and w.isalpha() for w in clip) and len(clip) == 32875 == len(set(clip))
+    assert len(clip) == 46585 == len(set(clip)) and sum(w.endswith("</w>") for w in clip) == 32915
+    assert clip[:4] == ["/", "<", ">", "A"] and "apple</w>" in clip  # id order, the filter lowercases
+    assert m.tokenizer("apple</w>").input_ids[1:-1] != m.tokenizer("apple").input_ids[1:-1]  # literal
+    words = search.load_vocab("clip-words", m.tokenizer)
+    assert not any(c.isupper() for w in words for c in w)  # not the byte symbols 'A'..'Z'
+    assert all(w.isascii() and w.isalpha() for w in words) and len(words) == 32875 == len(set(words))
+    assert {w + "</w>" for w in words} <= set(clip)
 
 
 def whole_at_once(R, c_e, K, select, k_closest):
@@ -277,7 +286,7 @@ def reset_peak():
 
 model, cache, phase, encoder = sys.argv[1:5]
 m = load_model(model)
-words = search.load_vocab("clip", m.tokenizer)
+words = search.load_vocab("clip-words", m.tokenizer)
 g, D = torch.Generator().manual_seed(0), m.text_encoders[0].config.hidden_size
 if encoder == "stub":  # the text encoder's output shape, without its time and working memory
     search.encode = lambda m, ws: torch.randn(len(ws), 77, D, generator=g)
@@ -299,7 +308,7 @@ print(json.dumps(dict(out, phase=phase, words=len(words), R_bytes=R.nbytes,
 
 def peak_extra(model, cache, phase, encoder="stub", root=None):
     """Peak host memory of embed_vocab ("embed": beyond R itself) or candidates ("candidates")
-    for --vocab clip, measured in a fresh process (Linux: VmHWM after clear_refs), as a
+    for --vocab clip-words (32,875 words), measured in a fresh process (Linux: VmHWM after clear_refs), as a
     multiple of R's bytes. encoder "stub": random embeddings of the text encoder's shape
     (fast; its working memory left out), "real": the model's. `root`: the folder whose
     search.py is measured (this one by default)."""
