@@ -62,6 +62,10 @@ def parse_args(argv=None):
                    help="uce: the rows fitted: from each prompt's last token to the end (UCE's 2023 "
                         "script) or its last token alone (its 2025 script)")
     p.add_argument("--uce_no_empty", action="store_true", help="uce: do not preserve \"\" (2025 script)")
+    p.add_argument("--uce_technique", default="replace", choices=["replace", "tensor"],
+                   help="uce: targets W c* (replace) or W c* less its part along W c (tensor: EAP's runs)")
+    p.add_argument("--uce_templates", default="none", choices=["none", "object", "art"],
+                   help="uce: also erase 5 templated prompts per concept (\"photo of {c}\"...; EAP's runs)")
     # Concept Ablation (Kumari et al. 2023, model-based): c_e's noise prediction moves to the anchor's
     p.add_argument("--anchor", help="ca: the anchor concept c*, one for all or one per --concept "
                                     "(default: a multi-word concept's last word, 'garbage truck' -> 'truck')")
@@ -96,13 +100,15 @@ def parse_args(argv=None):
                         "renormalised (0: all); soft only, hard ignores it as AGE's code does")
     p.add_argument("--search", default="gumbel", choices=["gumbel", "pgd"])
     p.add_argument("--vocab", default="default",
-                   help="FILE (one concept a line), clip, imagenet, default")
+                   help="FILE (one concept a line), default (the published list), wordfreq, clip, clip-words, imagenet")
     p.add_argument("--keep_erased", action="store_true", help="keep E in R (published code)")
     p.add_argument("--select", default="similar", choices=["similar", "kmeans"])
     p.add_argument("--k_closest", type=int, default=1000, help="first stage of --select kmeans")
     # z_t as the published code: DDIM from noise with the model being trained, guidance 3
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--start_guidance", type=float, default=3.0)
+    p.add_argument("--l2_on", default="z_r", choices=["z_r", "z"],
+                   help="L2's latent: z_r sampled with c_a (printed), or z sampled with c_e (train-esd-preserve.py)")
     p.add_argument("--sampler", default=None, choices=["trained", "frozen"],
                    help="the model z_t is sampled with: the one being trained (EAP's and ESD's 2023 "
                         "code, the default) or the frozen original (ESD's current code; CA always)")
@@ -229,18 +235,20 @@ def draws(gen, args, n_concepts, shape, T=1000):
 
 
 def when(args, ts, d):
-    """(DDIM steps to run from z_T, the UNet's query timestep t, the timestep whose abar the x0
-    loss space uses), for draws d; ts: the DDIM timesteps, noisiest first (981, 961, ..., 1).
-    matched: t_enc steps, then z_t sits at ts[t_enc], and t and x0 use that timestep.
-    published: the published sampler counts its index down from n - 1 and stops after the step
-    whose index + 1 == t_enc (t_enc = 0: all n steps), i.e. after min(n, n + 1 - t_enc) steps;
-    z then sits two DDIM steps below the band its query t is drawn from (t_enc >= 2; below
-    that, at the clean end), and x0 uses abar at
-    DDIM index t_enc (counted from the clean end), ts[n - 1 - t_enc]."""
+    """(the DDIM index z_T is taken at, the index the sampling stops at, the UNet's query
+    timestep t, the timestep whose abar the x0 loss space uses), for draws d; ts: the DDIM
+    timesteps, noisiest first (981, 961, ..., 1).
+    matched: z_T at ts[0], t_enc steps, then z_t sits at ts[t_enc], and t and x0 use that timestep.
+    published: the published CompVis sampler drops its noisiest timestep (`timesteps[:-1]`), so
+    z_T is taken at ts[1] (961); it counts its index down from n - 2 and stops after the step
+    whose index + 1 == t_enc (t_enc <= 1: at the clean end), i.e. at ts[n + 1 - t_enc], after
+    min(n - 1, n - t_enc) steps; z then sits two DDIM steps below the band its query t is drawn
+    from (t_enc >= 2), and x0 uses abar at DDIM index t_enc (counted from the clean end),
+    ts[n - 1 - t_enc]."""
     n = args.ddim_steps
     if args.timestep == "matched":
-        return d.t_enc, ts[d.t_enc], ts[d.t_enc]
-    return min(n, n + 1 - d.t_enc), d.t, ts[n - 1 - d.t_enc]
+        return 0, d.t_enc, ts[d.t_enc], ts[d.t_enc]
+    return 1, min(n, n + 1 - d.t_enc), d.t, ts[n - 1 - d.t_enc]
 
 
 def batched(model, pairs, t):
@@ -345,20 +353,23 @@ def main(argv=None, m=None):
         tic = time.perf_counter()
         d = draws(gen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
         c_e = C.e[d.i:d.i + 1]  # c_e ~ E
-        stop, t, t_x0 = when(args, ts, d)
+        first, stop, t, t_x0 = when(args, ts, d)
         t = torch.tensor(t, device=device)  # a tensor, as the UNet makes it: compile sees no new constant
         c_a, drawn = preserved(args, S, C, d)  # Algorithm 1's draw, the fixed concept, or none
 
         # z_t (and z_r, with this update's c_a): DDIM from the same z_T, guided by start_guidance
         # with c_n, `stop` steps, one batched no-grad loop (CA: z_t from its anchor)
-        conds = torch.cat([sampled_concept(args, C, d.i)] + ([c_a] if c_a is not None else []))
+        # with --l2_on z, L2 too is taken on z (the published fixed-concept code): no z_r
+        with_r = c_a is not None and args.l2_on == "z_r"
+        conds = torch.cat([sampled_concept(args, C, d.i)] + ([c_a] if with_r else []))
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad(), M.amp:
             zs, _ = ddim(sampler(args, m, M), m.scheduler,
                          d.z_T.to(device, m.unet.dtype).expand(len(conds), -1, -1, -1), conds,
-                         C.n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop)
+                         C.n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop, start=first)
         z, z_r = zs[:1].to(m.unet.dtype), zs[1:].to(m.unet.dtype)  # back from bf16 sampling
+        z_r = z_r if with_r else z
 
         def sp(e, zz):  # eps (printed) or predicted x0 (published code)
             return in_space(e, zz, abar[t_x0], args.loss_space)

@@ -217,17 +217,18 @@ def pooled_dim(m):
     return m.text_encoders[-1].config.projection_dim
 
 
-def ddim(eps_fn, scheduler, z, c, c_uncond, guidance, steps, stop=None, progress=False):
-    """DDIM (eta = 0) with classifier-free guidance, from z = z_T for `stop` of `steps` steps
-    (all when None). eps_fn(z, t, c) -> epsilon (e.g. lambda z, t, c: eps(m, z, t, c)). Returns
-    z_t and t, the timestep z_t is at (what the UNet is queried with). z: (B, C, H, W);
+def ddim(eps_fn, scheduler, z, c, c_uncond, guidance, steps, stop=None, progress=False, start=0):
+    """DDIM (eta = 0) with classifier-free guidance over the timesteps ts[start:stop] of `steps`
+    (all when None): z = z_T is taken to sit at ts[start] (the published CompVis sampler's
+    `timesteps[:-1]`: start 1). eps_fn(z, t, c) -> epsilon (e.g. lambda z, t, c: eps(m, z, t, c)).
+    Returns z_t and t, the timestep z_t is at (what the UNet is queried with). z: (B, C, H, W);
     c, c_uncond: (B, L, D)."""
     scheduler.set_timesteps(steps)
     abar = scheduler.alphas_cumprod.to(z.device)
     ts = scheduler.timesteps.tolist()
     stop = len(ts) if stop is None else stop
     cond = torch.cat([c_uncond, c])
-    for t in tqdm(ts[:stop], desc="DDIM", leave=False, disable=not progress):
+    for t in tqdm(ts[start:stop], desc="DDIM", leave=False, disable=not progress):
         # classifier-free guidance, one batched forward: eps = eps(c_u) + g (eps(c) - eps(c_u))
         # t as a tensor (the UNet makes one of an int): torch.compile sees no new constant per step
         eps_u, eps_c = eps_fn(torch.cat([z, z]), torch.tensor(t, device=z.device), cond).chunk(2)

@@ -41,14 +41,17 @@ from sample import sample_from
 
 def sample_z(m, unet, z, c, c_n, args, t_enc):
     """DDIM (eta 0) from z = z_T with guidance start_guidance, as the published sampler runs
-    it: the index counts down from n - 1, and the step at `index` takes z from timestep
-    ts[index] to ts[index - 1] (to abar_final below index 0). The published sampler stops
+    it: it drops its noisiest timestep (`timesteps[:-1]`), so z_T is taken at ts[n - 2] and the
+    index counts down from n - 2 (--timestep matched: from n - 1, z_T at ts[n - 1]); the step
+    at `index` takes z from timestep ts[index] to ts[index - 1] (to abar_final below index 0).
+    The published sampler stops
     after the step whose index + 1 == t_enc (t_enc = 0: never); --timestep matched runs
     t_enc steps."""
     n, scheduler = args.ddim_steps, m.scheduler
     ts = scheduler.timesteps.flip(0).tolist()  # ascending: 1, 21, ..., 981 for n = 50
     abar = scheduler.alphas_cumprod.to(z.device)
-    for index in reversed(range(n)):
+    first = n - 2 if args.timestep == "published" else n - 1  # published: timesteps[:-1], z_T at 961
+    for index in reversed(range(first + 1)):
         if args.timestep == "matched" and index < n - t_enc:
             break
         t = ts[index]
@@ -149,8 +152,8 @@ def erase_literally(m, unet_orig, args, resample=False):
                     z = sample_z(m, sampler, z_T, c_anchor[d.i:d.i + 1], c_n, args, d.t_enc)
                 else:
                     z = sample_z(m, sampler, z_T, c_e_i, c_n, args, d.t_enc)
-                if c_a is not None:  # z_r: the same z_T, guided by c_a (AGE: c_t)
-                    z_r = sample_z(m, sampler, z_T, c_a, c_n, args, d.t_enc)
+                if c_a is not None:  # z_r: the same z_T, guided by c_a (AGE: c_t); --l2_on z: z itself
+                    z_r = sample_z(m, sampler, z_T, c_a, c_n, args, d.t_enc) if args.l2_on == "z_r" else z
 
             if it < iterations - 1:
                 # Algorithm 1: pi <- pi + eta grad_pi || eps_theta'(G(pi) R) - eps_theta(G(pi) R) ||^2,

@@ -34,6 +34,8 @@ ROWS = [
     ("esd", ["--method", "esd", "--negative_guidance", "1", "--loss_space", "x0"]),
     ("esd, Eq. 3", ["--method", "esd"]),
     ("fixed", ["--method", "fixed", "--preserve", "road", "--loss_space", "x0"]),
+    # train-esd-preserve.py: L2 on z (sampled with c_e), not on a z_r sampled with the fixed concept
+    ("fixed, L2 on z", ["--method", "fixed", "--preserve", "road", "--l2_on", "z"]),
     ("age", ["--method", "age", "--tau", "0.1", "--negative_guidance", "1"]),
     ("age soft, eps", ["--method", "age", "--soft", "--pi_grad", "trained"]),
     ("pgd", ["--method", "eap", "--search", "pgd", "--negative_guidance", "1", "--eta", "1e-2"]),

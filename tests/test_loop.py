@@ -80,15 +80,16 @@ class Oracle(torch.nn.Module):
 
 @pytest.mark.parametrize("t_enc", [0, 1, 2, 17, 49])
 def test_the_queried_timestep_and_z_t_noise_level(tiny_sd, t_enc):
-    """matched: the UNet is queried at exactly the timestep z_t sits at. published: z_t sits two
-    DDIM steps below the band [20 t_enc, 20 t_enc + 20) its query is drawn from (t_enc >= 2;
-    below, at the clean end), and x0 uses abar at DDIM index t_enc, 20 t_enc + 1."""
+    """matched: z_T at 981, and the UNet is queried at exactly the timestep z_t sits at.
+    published: z_T at 961 (the CompVis sampler's timesteps[:-1]); z_t sits two DDIM steps below
+    the band [20 t_enc, 20 t_enc + 20) its query is drawn from (t_enc >= 2; below, at the clean
+    end), and x0 uses abar at DDIM index t_enc, 20 t_enc + 1. The oracle's z_T is built at the
+    timestep the mode says it sits at: started anywhere else, DDIM leaves the forward process."""
     sched = load_model(tiny_sd).scheduler
     sched.set_timesteps(50)
     ts, abar = sched.timesteps.tolist(), sched.alphas_cumprod
     x0, e = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 4, 8, 8, dtype=torch.float64)
     abar64 = abar.double()
-    z_T = abar64[ts[0]].sqrt() * x0 + (1 - abar64[ts[0]]).sqrt() * e
     c = torch.zeros(1, 77, 32, dtype=torch.float64)
 
     def level(z):  # the timestep s with z = sqrt(abar_s) x0 + sqrt(1 - abar_s) e
@@ -96,11 +97,13 @@ def test_the_queried_timestep_and_z_t_noise_level(tiny_sd, t_enc):
                            for s in range(1000)])
         assert err.min() < 1e-5  # z is on the forward process (the scheduler's abar is fp32)
         return int(err.argmin())
-    for mode in ("matched", "published"):
+    for mode, at in (("matched", 981), ("published", 961)):
+        z_T = abar64[at].sqrt() * x0 + (1 - abar64[at]).sqrt() * e
         args = argparse.Namespace(ddim_steps=50, timestep=mode)
         d = argparse.Namespace(t_enc=t_enc, t=20 * t_enc + 7)  # a query from the published band
-        stop, t, t_x0 = erase.when(args, ts, d)
-        z, _ = ddim(lambda z, t, c: Oracle(x0, abar64)(z, t).sample, sched, z_T, c, c, 3.0, 50, stop)
+        first, stop, t, t_x0 = erase.when(args, ts, d)
+        assert ts[first] == at and stop - first == (t_enc if mode == "matched" else min(49, 50 - t_enc))
+        z, _ = ddim(lambda z, t, c: Oracle(x0, abar64)(z, t).sample, sched, z_T, c, c, 3.0, 50, stop, start=first)
         if mode == "matched":
             assert level(z) == t == t_x0 == ts[t_enc]
         else:
@@ -122,3 +125,24 @@ def test_concept_ablation_samples_and_targets_the_anchor(tiny_sd, vocab, tmp_pat
         assert frozen and not grad and torch.equal(cs[0], c_n) and torch.equal(cs[1], c_anc)
     assert target[0] == (ca_target == "frozen") and not target[2] and torch.equal(target[1][0], c_anc)
     assert not trained[0] and trained[2] and torch.equal(trained[1][0], c_e)
+
+
+@pytest.mark.parametrize("l2_on", ["z_r", "z"])
+def test_l2_is_taken_on_z_r_or_on_z(tiny_sd, vocab, tmp_path, l2_on):
+    """--l2_on z (train-esd-preserve.py, the published fixed-concept runs): no z_r is sampled and
+    L2's two forwards see the z that L1 sees; z_r (printed): a second latent, sampled with c_a."""
+    m = load_model(tiny_sd, vae=False)
+    seen = []
+    m.unet.register_forward_hook(lambda mod, a, kw, out: seen.append(
+        (a[0].detach().clone(), kw["encoder_hidden_states"].detach().clone())), with_kwargs=True)
+    erase.main(["--model", tiny_sd, "--concept", "garbage truck", "--method", "fixed", "--preserve", "road",
+                "--l2_on", l2_on, "--steps", "1", "--ddim_steps", "4", "--seed", "3", "--device", "cpu",
+                "--out", str(tmp_path)], m=m)
+    rec = json.loads(open(tmp_path / "log.jsonl").readline())
+    c_road = encode(m, ["road"])[0]
+    *sampling, (z_frozen, c_frozen), (z_trained, c_trained) = seen
+    assert len(sampling) == rec["t_enc"] > 0
+    assert all(len(cs) == (4 if l2_on == "z_r" else 2) for _, cs in sampling)  # c_a guides z_r or nothing
+    assert torch.equal(c_frozen[-1], c_road) and torch.equal(c_trained[-1], c_road)  # L2's forwards
+    same = torch.equal(z_trained[0], z_trained[-1]) and torch.equal(z_frozen[0], z_frozen[-1])
+    assert same == (l2_on == "z")  # L1's latent z and L2's
