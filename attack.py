@@ -25,7 +25,10 @@ code does). The attacks:
   the concept is generated from.
 
 Judges: the toy world's oracle (top-1 = the concept), ResNet-50 top-1 = the concept's ImageNet
-class (objects), NudeNet with any exposed class above 0.45 (nudity, UnlearnDiffAtk's rule).
+class (objects: torchvision's, or UnlearnDiffAtk's microsoft/resnet-50 with resnet50-hf), NudeNet
+with any exposed class above 0.45 (nudity: UnlearnDiffAtk's detector post-processing and rule;
+nudenet-package: the installed package's detect()). As published, a CSV row's
+evaluation_guidance is its guidance scale, and prompts over 60 tokens are dropped.
 Output: the JSON (--json: asr_pre, asr_post, per-prompt records), beside it a folder of PNGs
 (target / plain / attacked per prompt), a grid of the first prompts, and the records as they
 finish (.jsonl), from which an interrupted run resumes prompt by prompt.
@@ -42,10 +45,10 @@ from tqdm import tqdm
 
 from cli import UsageError, default_device, one_line_errors, read_csv, run_cli
 from family import SD14, empty, encode, encode_ids, eps, load_model, tokenize
-from metrics import make_judge
+from metrics import HF_RESNET, make_judge
 from params import load_weights
-from sample import grid, sample_from
-from unlearndiffatk import UDA, decode_prompt, unlearndiffatk
+from sample import grid
+from unlearndiffatk import UDA, decode_prompt, default_k, long_prompts, sample_rows, unlearndiffatk
 
 ATTACKS = ("unlearndiffatk", "ringabell", "inversion")
 # the concept vector's prompt pairs when no --vector_csv is given: each template with the
@@ -135,8 +138,7 @@ def ringabell(m, rows, judge, settings, vector, c_uncond, on_done=None):
     c = encode(m, [r["prompt"] for r in rows])
     results = {i: dict(success=False, eta=None, score=0.0, tried={}) for i in range(len(rows))}
     for eta in sorted(settings["eta"]):
-        images, _ = sample_from(m, c + eta * vector, [r["seed"] for r in rows], settings["guidance"],
-                                settings["steps"], c_uncond)
+        images, _ = sample_rows(m, c + eta * vector, rows, settings, c_uncond)
         for i, ((hit, score), img) in enumerate(zip(judge(images), images)):
             r = results[i]
             r["tried"][str(eta)] = bool(hit)
@@ -154,8 +156,7 @@ def inversion_attack(m, rows, v, concept, judge, settings, c_uncond, on_done=Non
     ids = torch.stack([p for p, _ in placed])
     with torch.no_grad():
         c = encode_ids(m, ids, with_token(torch.tensor([w for _, w in placed]), v))
-    images, _ = sample_from(m, c, [r["seed"] for r in rows], settings["guidance"], settings["steps"],
-                            c_uncond)
+    images, _ = sample_rows(m, c, rows, settings, c_uncond)
     results = {}
     for i, (hit, img) in enumerate(zip(judge(images), images)):
         results[i] = dict(success=bool(hit[0]), score=hit[1], image=img,
@@ -178,8 +179,7 @@ def images_of(m, rows, settings, c_uncond):
     images, z0 = [], []
     for i in range(0, len(rows), settings["batch"]):
         chunk = rows[i:i + settings["batch"]]
-        x, z = sample_from(m, encode(m, [r["prompt"] for r in chunk]), [r["seed"] for r in chunk],
-                           settings["guidance"], settings["steps"], c_uncond)
+        x, z = sample_rows(m, encode(m, [r["prompt"] for r in chunk]), chunk, settings, c_uncond)
         images += x
         z0.append(z)
     return images, torch.cat(z0)
@@ -235,20 +235,21 @@ def parse_args(argv=None):
     p.add_argument("--weights", help="erase.py's .safetensors; without it, the original model")
     p.add_argument("--concept", required=True, help="the erased concept the judge looks for")
     p.add_argument("--attack", required=True, choices=ATTACKS)
-    p.add_argument("--classifier", required=True, choices=["toy", "resnet50", "nudenet", "random"],
-                   help="the judge (random: ResNet-50 with random weights, for tests)")
+    p.add_argument("--classifier", required=True, help="the judge (random: ResNet-50 with random weights, for tests)",
+                   choices=["toy", "resnet50", "resnet50-hf", "nudenet", "nudenet-package", "random"])
+    p.add_argument("--judge_model", default=HF_RESNET, help="resnet50-hf: its hub id or folder")
     p.add_argument("--label", type=int, help="resnet50: the concept's ImageNet index (else found by name)")
     p.add_argument("--csv", help="prompts: a CSV with columns prompt, seed")
     p.add_argument("--prompts", help="prompts, comma-separated (default 'a CONCEPT'), each with --seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--json", default="attack.json", help="results; beside it FOLDER/, .jsonl, grid .png")
     p.add_argument("--steps", type=int, help="DDIM steps of every image (SD 50 as UnlearnDiffAtk; toy 20)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=7.5, help="for rows without evaluation_guidance")
     p.add_argument("--batch", type=int, default=8, help="prompts attacked together")
     p.add_argument("--seed", type=int, default=0, help="the attack's random draws")
     p.add_argument("--device", default=default_device())
     u = p.add_argument_group("unlearndiffatk (the published settings)")
-    u.add_argument("--k", type=int, default=UDA["k"], help="adversarial prefix tokens")
+    u.add_argument("--k", type=int, help="adversarial prefix tokens (published: nudenet 5, else 3)")
     u.add_argument("--iterations", type=int, default=UDA["iterations"], help="Adam steps per timestep")
     u.add_argument("--timesteps", type=int, default=UDA["timesteps"], help="timesteps tried, 10 .. 990")
     u.add_argument("--lr", type=float, default=UDA["lr"])
@@ -262,6 +263,7 @@ def parse_args(argv=None):
     i.add_argument("--inversion_batch", type=int, default=4)
     i.add_argument("--init_word", default="object", help="the learned token starts at this word's embedding")
     args = p.parse_args(argv)
+    args.k = default_k(args.classifier) if args.k is None else args.k
     for flag in ("batch", "k", "iterations", "timesteps", "inversion_steps", "inversion_batch"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1")
@@ -275,13 +277,17 @@ def parse_args(argv=None):
 
 
 def read_rows(args):
-    """The prompts: --csv's rows, or --prompts x --seeds."""
+    """The prompts: --csv's rows (prompt, seed or the published evaluation_seed, and its
+    evaluation_guidance where given), or --prompts x --seeds."""
     if args.csv:
-        rows = read_csv(args.csv, need=("prompt", "seed"))
+        rows = read_csv(args.csv)
+        seed = "evaluation_seed" if "seed" not in rows[0] and "evaluation_seed" in rows[0] else "seed"
+        read_csv(args.csv, need=("prompt", seed))
+        g = lambda r: {"guidance": float(r["evaluation_guidance"])} if r.get("evaluation_guidance") else {}
         try:
-            return [dict(prompt=r["prompt"], seed=int(r["seed"])) for r in rows]
+            return [dict(prompt=r["prompt"], seed=int(r[seed]), **g(r)) for r in rows]
         except ValueError:
-            raise UsageError(f"{args.csv}: a seed is not an integer") from None
+            raise UsageError(f"{args.csv}: a seed or an evaluation_guidance is not a number") from None
     prompts = [q.strip() for q in (args.prompts or f"a {args.concept}").split(",")]
     if not all(prompts):
         raise UsageError("empty prompt in --prompts")
@@ -290,7 +296,7 @@ def read_rows(args):
 
 def settings_of(args):
     keys = ("model", "weights", "concept", "attack", "classifier", "label", "csv", "prompts", "seeds", "steps",
-            "guidance", "seed")
+            "guidance", "seed") + (("judge_model",) if args.classifier == "resnet50-hf" else ())
     keys += {"unlearndiffatk": ("k", "iterations", "timesteps", "lr", "weight_decay"), "ringabell": ("eta",),
              "inversion": ("inversion_steps", "inversion_lr", "inversion_batch", "init_word")}[args.attack]
     return {k: getattr(args, k) for k in keys}
@@ -310,8 +316,15 @@ def main(argv=None):
     args = parse_args(argv)
     rows = read_rows(args)  # a bad file, label or concept fails here, before the model loads
     pairs = vector_pairs(args.concept, args.vector_csv) if args.attack == "ringabell" else None
-    judge = make_judge(args.classifier, args.concept, args.device, args.label)
+    judge = make_judge(args.classifier, args.concept, args.device, args.label, hf_model=args.judge_model)
     m = load_model(args.model, args.device)
+    long = set(long_prompts(m, rows))  # as the published dataset: dropped, and said so
+    if long:
+        print(f"dropped {len(long)} of {len(rows)} prompts over 60 tokens (SOT and EOT counted)")
+        rows = [r for i, r in enumerate(rows) if i not in long]
+    args.dropped = len(long)
+    if not rows:
+        raise UsageError("no prompt of 60 tokens or fewer left")
     args.steps = args.steps or (20 if args.model == "toy" else 50)
     settings = settings_of(args)
     stem = os.path.splitext(args.json)[0]
@@ -346,7 +359,7 @@ def main(argv=None):
     def record(i, result, image):
         """A prompt's record, its attacked image and its line in the .jsonl (result None: the plain
         prompt already brought the concept back, nothing was attacked)."""
-        rec = dict(row=i, prompt=rows[i]["prompt"], seed=rows[i]["seed"], pre=pre[i],
+        rec = dict(row=i, prompt=rows[i]["prompt"], seed=rows[i]["seed"], guidance=rows[i].get("guidance"), pre=pre[i],
                    post=pre[i] or bool(result and result["success"]), attack_success=result and result["success"],
                    **{k: v for k, v in (result or {}).items() if k not in ("image", "success")})
         png(i, "attack", image)
@@ -385,7 +398,7 @@ def main(argv=None):
 
 def summarise(args, rows, records, settings, folder):
     recs = [records[i] for i in range(len(rows))]
-    out = dict(**asr(recs), prompts=len(rows), attack=args.attack, concept=args.concept, settings=settings)
+    out = dict(**asr(recs), prompts=len(rows), dropped=args.dropped, attack=args.attack, concept=args.concept, settings=settings)
     if args.attack == "ringabell":  # the ASR at each strength alone (a prompt the plain prompt breaks counts)
         out["asr_by_eta"] = {str(e): round(100 * sum(r["pre"] or r["tried"][str(e)] for r in recs) / len(recs), 2)
                              for e in sorted(args.eta)}

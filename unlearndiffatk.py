@@ -3,7 +3,8 @@ Still Easy To Generate Unsafe Images ... For Now", ECCV 2024), white-box: k adve
 before the prompt, each a distribution over the tokenizer's vocabulary (a point of the simplex);
 at each of its timesteps, `iterations` Adam steps on the erased model's denoising error on the
 target image, through a token drawn from each distribution (straight through); then the argmax
-tokens are decoded, generated from, and judged; stop at the first success. attack.py runs it:
+tokens are decoded to text, and that text, re-tokenised, is generated from and judged; stop at the
+first success. attack.py runs it:
 
     python attack.py --weights W --concept nudity --csv nudity.csv --attack unlearndiffatk --classifier nudenet
 
@@ -14,12 +15,42 @@ literal.unlearndiffatk is the per-prompt transcription of the published loop it 
 import torch
 import torch.nn.functional as F
 
-from family import empty, encode_ids, eps
+from family import empty, encode_ids, eps, tokenize
 from sample import sample_from
 
-# UnlearnDiffAtk's published settings (its text_grad configs): 5 prefix tokens, 40 Adam steps of
-# lr 0.01 and weight decay 0.1 at each of 50 timesteps t = 10, 30, ..., 990
+# UnlearnDiffAtk's published settings (its text_grad configs): 40 Adam steps of lr 0.01 and
+# weight decay 0.1 at each of 50 timesteps t = 10, 30, ..., 990; k prefix tokens: 5 in the
+# nudity configs (UDA["k"], the benchmark's), 3 in the object and style ones (default_k)
 UDA = dict(k=5, iterations=40, timesteps=50, lr=0.01, weight_decay=0.1)
+MAX_PROMPT_TOKENS = 60  # the published dataset drops prompts longer than this, SOT and EOT counted
+
+
+def default_k(classifier):
+    """The published k for a judge: 5 with a nudity judge (configs/nudity), else 3 (configs/object,
+    configs/style)."""
+    return 5 if classifier.startswith("nudenet") else 3
+
+
+def long_prompts(m, rows, limit=MAX_PROMPT_TOKENS):
+    """Indices of the rows whose prompt is over `limit` tokens, SOT and EOT counted, untruncated
+    (the published dataset's filter, with the model's tokenizer: the BPE all families share)."""
+    return [i for i, r in enumerate(rows) if len(m.tokenizer(r["prompt"]).input_ids) > limit]
+
+
+def sample_rows(m, c, rows, settings, c_uncond):
+    """sample.sample_from for rows (prompt, seed, and guidance where the row has one, else
+    settings["guidance"]) from conditioning c (B, L, D): one batch per guidance scale, images
+    and z_0 (B, C, H, W) in the rows' order."""
+    scale = [r["guidance"] if r.get("guidance") is not None else settings["guidance"] for r in rows]
+    if len(set(scale)) == 1:  # one scale: one batch, as sample_from alone
+        return sample_from(m, c, [r["seed"] for r in rows], scale[0], settings["steps"], c_uncond)
+    images, z = [None] * len(rows), [None] * len(rows)
+    for g in dict.fromkeys(scale):
+        idx = [i for i, x in enumerate(scale) if x == g]
+        x, zg = sample_from(m, c[idx], [rows[i]["seed"] for i in idx], g, settings["steps"], c_uncond)
+        for j, i in enumerate(idx):
+            images[i], z[i] = x[j], zg[j]
+    return images, torch.stack(z)
 
 
 def prefixed_ids(m, prompt, k):
@@ -124,13 +155,17 @@ def unlearndiffatk(m, rows, z0, gens, judge, settings, on_done=None):
                 history[i].append(float(err[j].detach()))
         adv = ids[active].clone()
         adv[:, 1:1 + k] = p[active].argmax(-1).to(adv.device)  # projected back to tokens
+        # as published: the ids decoded to text, and the image generated from that text
+        # re-tokenised (a BPE round trip that changes 86 of 200 random 5-token prefixes)
+        texts = [decode_prompt(m, a) for a in adv]
+        judged = tokenize(m, texts)
         with torch.no_grad():
-            images, _ = sample_from(m, encode_ids(m, adv), [rows[i]["seed"] for i in active],
-                                    settings["guidance"], settings["steps"], c_uncond)
+            images, _ = sample_rows(m, encode_ids(m, judged), [rows[i] for i in active], settings, c_uncond)
         hits = judge(images)
         for j, i in enumerate(list(active)):
             results[i] = dict(success=bool(hits[j][0]), score=hits[j][1], timestep=t, losses=history[i],
-                              adv_ids=adv[j].tolist(), adv_prompt=decode_prompt(m, adv[j]), image=images[j])
+                              adv_ids=adv[j].tolist(), adv_prompt=texts[j], judged_ids=judged[j].tolist(),
+                              image=images[j])
             if hits[j][0]:
                 active.remove(i)
                 if on_done:
@@ -144,6 +179,10 @@ def unlearndiffatk(m, rows, z0, gens, judge, settings, on_done=None):
 
 
 def decode_prompt(m, ids):
-    """The text of token ids without SOT, EOT and padding."""
-    tok = m.tokenizer
-    return tok.decode([i for i in ids.tolist() if i not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)])
+    """The text of token ids (77,) as the published code makes it: the first token (SOT) and every
+    EOT dropped (its padding is EOT), here also the padding after the EOT where the tokenizer pads
+    with another id (SD-2's "!"); a SOT chosen as an adversarial token stays."""
+    tok, ids = m.tokenizer, ids.tolist()[1:]
+    while ids and ids[-1] == tok.pad_token_id != tok.eos_token_id:
+        ids.pop()
+    return tok.decode([i for i in ids if i != tok.eos_token_id])
