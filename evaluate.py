@@ -248,6 +248,8 @@ def parse_args(argv=None):
     s.add_argument("--plot", help="prefix of the body-part chart (default: beside --json)")
     s = metric("clip", "Table 4: CLIP score of image vs prompt", "comma-separated erased artists")
     s.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="or 'random'")
+    s.add_argument("--clip_resize", default="published", choices=["published", "processor"],
+                   help="published: torchvision's antialiased resize first (EAP's evaluation)")
     s = metric("lpips", "Table 4: LPIPS against the original model's images", "erased artists")
     s.add_argument("--original", required=True, help="the original model's folder (same rows)")
     s.add_argument("--lpips_net", default="alex", choices=["alex", "random"])
@@ -317,7 +319,7 @@ def main(argv=None):
         if args.cmd == "clip":
             texts = [r["prompt"] for r in rows]
             scores = clip_score(*clip_embeddings(load_clip(args.clip_model, args.device), paths, texts,
-                                                 args.batch, args.device))
+                                                 args.batch, args.device, args.clip_resize))
         else:
             ref_rows, ref_paths = read_folder(args.original)
             ref_paths = [ref_paths[j] for j in pair_rows(rows, ref_rows)]

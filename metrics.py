@@ -116,12 +116,23 @@ def offline_tokenizer():  # SD-1.4's CLIP tokenizer rebuilt without the hub (slo
 
 
 @torch.no_grad()
-def clip_embeddings(clip, paths, texts, batch=32, device="cpu"):
-    """Projected image and text embeddings of each (image, text) pair, (N, D) each."""
+def published_resize(path, side):
+    """Table 4's CLIP score as EAP's evaluation computes it: the uint8 image resized, shorter
+    side to the CLIP model's input size, by torchvision (bilinear, antialiased), before
+    torchmetrics' CLIPScore hands it to the processor (whose own resize is then a no-op)."""
+    from torchvision.transforms.functional import pil_to_tensor, resize
+    return resize(pil_to_tensor(load(path)), side, antialias=True)
+
+
+def clip_embeddings(clip, paths, texts, batch=32, device="cpu", resize="processor"):
+    """Projected image and text embeddings of each (image, text) pair, (N, D) each. resize
+    "published": published_resize first; "processor": the processor's own (PIL bicubic)."""
     model, tokenizer, processor = clip
+    side = processor.crop_size["height"]
     img, txt = [], []
     for i in range(0, len(paths), batch):
-        pixels = processor(images=[load(p) for p in paths[i:i + batch]], return_tensors="pt").pixel_values
+        images = [published_resize(p, side) if resize == "published" else load(p) for p in paths[i:i + batch]]
+        pixels = processor(images=images, return_tensors="pt").pixel_values
         tok = tokenizer(list(texts[i:i + batch]), padding=True, truncation=True, max_length=77,
                         return_tensors="pt")  # long prompts are cut at 77 tokens, as in torchmetrics
         out = model(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device),

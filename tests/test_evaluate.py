@@ -413,3 +413,22 @@ def test_readme_commands(tmp_path, monkeypatch, tiny32, kind):
             ev.main(c[2:] + SMALL[c[2]] + small)
     results = [c[c.index("--json") + 1] for c in cmds if "--json" in c]
     assert results and all(os.path.isfile(r) for r in results)
+
+
+def test_clip_score_resizes_as_published(tmp_path, monkeypatch):
+    """--clip_resize published (EAP's Table 4): the uint8 image, shorter side resized to the CLIP
+    input by torchvision's antialiased bilinear resize, then scaled and normalised; what reaches
+    the model differs from the processor's own PIL bicubic resize of the 64 px image."""
+    from torchvision.transforms.functional import pil_to_tensor, resize
+    folder = write_folder(str(tmp_path / "f"), [{"prompt": "a red car", "seed": 0}])
+    path = os.path.join(folder, "00000.png")
+    model, tok, proc = clip = metrics.load_clip("random", "cpu")
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: seen.append(kw["pixel_values"]) or forward(**kw))
+    for mode in ("published", "processor"):
+        metrics.clip_embeddings(clip, [path], ["a red car"], resize=mode)
+    small = resize(pil_to_tensor(metrics.load(path)), 32, antialias=True).float() / 255  # uint8 first
+    mean, std = torch.tensor(proc.image_mean)[:, None, None], torch.tensor(proc.image_std)[:, None, None]
+    assert torch.allclose(seen[0][0], (small - mean) / std, atol=1e-5)
+    assert (seen[0] - seen[1]).abs().max() > 1e-2
