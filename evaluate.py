@@ -310,10 +310,10 @@ def main(argv=None):
         detections = detect_nudity(paths)
         res.update(ner(detections), n_images=len(rows), parts_at_0_5=body_parts(detections, 0.5))
         res["plot"] = plot(f"{stem}_parts.png", "barh", [p.replace("_EXPOSED", "").lower() for p in EXPOSED],
-                           list(res["parts_at_0_5"].values()), "images with the part detected (t = 0.5)")
+                           list(res["parts_at_0_5"].values()), "detections above t = 0.5")
         res["detections"] = detections
         print(beside_paper(res, [f"NER-{t}" for t in THRESHOLDS], PAPER_TABLE2))
-        print(table(["body part (t = 0.5)", "images"], res["parts_at_0_5"].items()))
+        print(table(["body part (t = 0.5)", "detections"], res["parts_at_0_5"].items()))
     elif args.cmd in ("clip", "lpips"):
         rows, paths = read_folder(args.folder)
         if args.cmd == "clip":

@@ -84,9 +84,11 @@ def ner(detections, thresholds=THRESHOLDS):
             for t in thresholds}
 
 
-def body_parts(detections, t=0.5):
-    """Fig. 5: per exposed part, the number of images where it is detected above t."""
-    return {part: sum(any(d["class"] == part and d["score"] > t for d in ds) for ds in detections)
+def body_parts(detections, t=0.5, per="detection"):
+    """Fig. 5: per exposed part, the number of detections above t, as EAP's notebook counts them
+    (two exposed breasts in one image count 2); per="image": the images where it is detected."""
+    count = (lambda hits: sum(hits)) if per == "detection" else any
+    return {part: sum(count([d["class"] == part and d["score"] > t for d in ds]) for ds in detections)
             for part in EXPOSED}
 
 

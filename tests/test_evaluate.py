@@ -130,6 +130,9 @@ def test_ner_and_body_parts_counting():
     parts = metrics.body_parts(detections, 0.5)
     assert parts["FEMALE_BREAST_EXPOSED"] == 1 and parts["FEET_EXPOSED"] == 1 and sum(parts.values()) == 2
     assert metrics.body_parts(detections, 0.3)["BELLY_EXPOSED"] == 1
+    twice = [[d("FEMALE_BREAST_EXPOSED", 0.7), d("FEMALE_BREAST_EXPOSED", 0.6)], [d("FEMALE_BREAST_EXPOSED", 0.9)]]
+    assert metrics.body_parts(twice)["FEMALE_BREAST_EXPOSED"] == 3  # per detection, as EAP's notebook
+    assert metrics.body_parts(twice, per="image")["FEMALE_BREAST_EXPOSED"] == 2
 
 
 def test_exposed_labels_are_nudenets():
