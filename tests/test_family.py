@@ -12,6 +12,7 @@ import torch
 
 import family
 import offline
+import params
 from cli import UsageError
 
 KINDS = ["sd1", "sd2", "sd2-v", "sdxl"]
@@ -143,11 +144,11 @@ def test_weights_of_another_family_are_refused(tiny_kind, tmp_path):
     w = erase.main(["--model", tiny_kind("sd1"), "--concept", "church", "--method", "esd", "--steps", "1",
                     "--ddim_steps", "2", "--device", "cpu", "--out", str(tmp_path / "sd1")])
     with pytest.raises(UsageError, match="made for an sd1 model; .* is sdxl"):
-        family.load_weights(family.load_model(tiny_kind("sdxl")), w)
+        params.load_weights(family.load_model(tiny_kind("sdxl")), w)
     from safetensors.torch import load_file, save_file
     save_file(load_file(w), str(tmp_path / "bare.safetensors"))  # no metadata: the shapes still tell
     with pytest.raises(UsageError, match="do not fit this UNet"):
-        family.load_weights(family.load_model(tiny_kind("sdxl")), str(tmp_path / "bare.safetensors"))
+        params.load_weights(family.load_model(tiny_kind("sdxl")), str(tmp_path / "bare.safetensors"))
 
 
 def test_full_size_configs_have_the_published_parameter_counts():
@@ -158,11 +159,11 @@ def test_full_size_configs_have_the_published_parameter_counts():
                                         ("sdxl", 2_567_463_684, 545_670_400, 70)]:
         with torch.device("meta"):
             unet = UNet2DConditionModel(**offline.configs(kind, "full")["unet"])
-        params = dict(unet.named_parameters())
-        names = [n for n in params if "attn2" in n]
-        assert sum(p.numel() for p in params.values()) == total
-        assert sum(params[n].numel() for n in names) == xattn and len({n.split(".attn2")[0] for n in names}) == modules
-    assert tuple(params["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape) == (640, 2048)
+        sizes = dict(unet.named_parameters())
+        names = [n for n in sizes if "attn2" in n]
+        assert sum(p.numel() for p in sizes.values()) == total
+        assert sum(sizes[n].numel() for n in names) == xattn and len({n.split(".attn2")[0] for n in names}) == modules
+    assert tuple(sizes["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape) == (640, 2048)
 
 
 @pytest.mark.parametrize("kind,method", [("sd2-v", "eap"), ("sd2-v", "uce"), ("sdxl", "eap"), ("sdxl", "uce")])
@@ -184,7 +185,7 @@ def test_erased_weights_load_into_the_diffusers_pipeline(tiny_kind, vocab, tmp_p
     assert result.unexpected_keys == []
     after = pipe("garbage truck", **kw).images
     assert (after - before).abs().max() > 1e-4
-    family.load_weights(m, path)
+    params.load_weights(m, path)
     c = family.encode(m, ["garbage truck"])
     ours, _ = family.ddim(lambda z, t, c: family.eps(m, z, t, c), m.scheduler, z_T, c, family.empty(m), 7.5, 4)
     assert torch.allclose(ours, after, atol=2e-5)
