@@ -193,10 +193,10 @@ def empty(m, zeros=None):
 
 
 # ---------------------------------------------------------------------------- the UNet
-def eps(m, z, t, c, values=None, unet=None):
-    """epsilon(z_t, t, c) of m.unet (or `unet`), with the parameter values `values` (name ->
-    tensor) swapped in where given. v-prediction models: eps = sqrt(abar_t) v + sqrt(1 - abar_t)
-    z_t, abar at the timestep the UNet was queried with. z: (B, C, H, W); t: int or tensor."""
+def unet_output(m, z, t, c, values=None, unet=None):
+    """What m.unet (or `unet`) predicts at (z_t, t, c), epsilon or v as the model was trained,
+    with the parameter values `values` (name -> tensor) swapped in where given. z: (B, C, H, W);
+    t: int or tensor (fractional for LMS)."""
     unet = m.unet if unet is None else unet
     dtype = unet.dtype  # a UNet cast for generation (fp16) gets its inputs cast; the output comes
     kw = dict(encoder_hidden_states=tokens_of(c).to(dtype))  # back in z's precision
@@ -205,7 +205,13 @@ def eps(m, z, t, c, values=None, unet=None):
         ids = torch.tensor([h, h, 0, 0, h, h], device=z.device, dtype=dtype).expand(len(z), -1)
         kw["added_cond_kwargs"] = dict(text_embeds=c[:, TOKENS, :pooled_dim(m)].to(dtype), time_ids=ids)
     args = (z.to(dtype), t)
-    out = (functional_call(unet, values, args, kw) if values else unet(*args, **kw)).sample.to(z.dtype)
+    return (functional_call(unet, values, args, kw) if values else unet(*args, **kw)).sample.to(z.dtype)
+
+
+def eps(m, z, t, c, values=None, unet=None):
+    """epsilon(z_t, t, c): unet_output, converted for v-prediction models: eps = sqrt(abar_t) v +
+    sqrt(1 - abar_t) z_t, abar at the timestep the UNet was queried with."""
+    out = unet_output(m, z, t, c, values, unet)
     if m.prediction == "v_prediction":
         a = m.scheduler.alphas_cumprod.to(z.device)[torch.as_tensor(t, device=z.device)].to(z.dtype)
         a = a.reshape(-1, *[1] * (z.dim() - 1))

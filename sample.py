@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import types
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from cli import UsageError, default_device, one_line_errors, read_csv, run_cli
-from family import SD14, ddim, decode, empty, encode, eps, load_model, noise
+from family import SD14, ddim, decode, empty, encode, eps, load_model, noise, unet_output
 from params import load_weights, prepared
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -122,9 +121,8 @@ def lms(m, z, c, c_uncond, guidance, steps):
     s.set_timesteps(steps, device=z.device)
     z = z * s.init_noise_sigma
     cond = torch.cat([c_uncond, c])
-    raw = types.SimpleNamespace(**{**vars(m), "prediction": "epsilon"})  # eps() without conversion
     for t in s.timesteps:
-        out_u, out_c = eps(raw, s.scale_model_input(torch.cat([z, z]), t), t, cond).chunk(2)
+        out_u, out_c = unet_output(m, s.scale_model_input(torch.cat([z, z]), t), t, cond).chunk(2)
         z = s.step(out_u + guidance * (out_c - out_u), t, z).prev_sample
     return z
 
