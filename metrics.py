@@ -117,7 +117,6 @@ def offline_tokenizer():  # SD-1.4's CLIP tokenizer rebuilt without the hub (slo
     return offline.clip_tokenizer()
 
 
-@torch.no_grad()
 def published_resize(path, side):
     """Table 4's CLIP score as EAP's evaluation computes it: the uint8 image resized, shorter
     side to the CLIP model's input size, by torchvision (bilinear, antialiased), before
@@ -126,6 +125,7 @@ def published_resize(path, side):
     return resize(pil_to_tensor(load(path)), side, antialias=True)
 
 
+@torch.no_grad()
 def clip_embeddings(clip, paths, texts, batch=32, device="cpu", resize="processor"):
     """Projected image and text embeddings of each (image, text) pair, (N, D) each. resize
     "published": published_resize first; "processor": the processor's own (PIL bicubic)."""
@@ -273,6 +273,7 @@ def load_hf_resnet(path, device):
         return net, AutoImageProcessor.from_pretrained(path)
     except OSError as e:
         raise UsageError(f"could not load {path}: {str(e).splitlines()[0]}") from None
+
 
 def imagenet_label(concept, label=None):
     """The ImageNet class index of an object concept: --label, Imagenette's, or the torchvision

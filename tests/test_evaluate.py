@@ -430,7 +430,8 @@ def test_clip_score_resizes_as_published(tmp_path, monkeypatch):
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda **kw: seen.append(kw["pixel_values"]) or forward(**kw))
     for mode in ("published", "processor"):
-        metrics.clip_embeddings(clip, [path], ["a red car"], resize=mode)
+        img, txt = metrics.clip_embeddings(clip, [path], ["a red car"], resize=mode)
+        assert not img.requires_grad and not txt.requires_grad  # scoring builds no graph
     small = resize(pil_to_tensor(metrics.load(path)), 32, antialias=True).float() / 255  # uint8 first
     mean, std = torch.tensor(proc.image_mean)[:, None, None], torch.tensor(proc.image_std)[:, None, None]
     assert torch.allclose(seen[0][0], (small - mean) / std, atol=1e-5)
