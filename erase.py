@@ -88,7 +88,8 @@ def parse_args(argv=None):
     # update (--n_iter 1) with eta 1e-2, Adam on pi.
     p.add_argument("--n_iter", type=int, default=2, help="N_iter, ascent steps per update")
     p.add_argument("--eta", type=float, default=1e-3, help="step size of the ascent on pi")
-    p.add_argument("--pi_optim", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--pi_optim", default="adam", choices=["adam", "sgd", "normalized"],
+                   help="normalized (--search pgd only): the published pgd step, c_a += eta g/||g|| ||c_a||")
     # Algorithm 1 as printed differentiates L2 through both models; the published code computes
     # the frozen eps_theta under no_grad, so pi's gradient flows through eps_theta' only
     p.add_argument("--pi_grad", default="both", choices=["both", "trained"],
@@ -102,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", default="default",
                    help="FILE (one concept a line), default (the published list), wordfreq, clip, clip-words, imagenet")
     p.add_argument("--keep_erased", action="store_true", help="keep E in R (published code)")
-    p.add_argument("--select", default="similar", choices=["similar", "kmeans"])
+    p.add_argument("--select", default="similar", choices=["similar", "kmeans", "kmeans-sklearn"])
     p.add_argument("--k_closest", type=int, default=1000, help="first stage of --select kmeans")
     # z_t as the published code: DDIM from noise with the model being trained, guidance 3
     p.add_argument("--ddim_steps", type=int, default=50)
@@ -141,6 +142,8 @@ def parse_args(argv=None):
     for name in ("steps", "K", "n_iter", "ddim_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    if args.pi_optim == "normalized" and args.search != "pgd":
+        raise UsageError("--pi_optim normalized scales a step by ||c_a||: --search pgd only (pi starts at 0)")
     if not 0 <= args.gumbel_topk <= args.K:
         raise UsageError(f"--gumbel_topk must be between 0 and --K ({args.K})")
     if args.lora_rank < 0 or (args.lora_alpha is not None and args.lora_alpha <= 0):

@@ -113,11 +113,11 @@ def erase_literally(m, unet_orig, args, resample=False):
         return e if args.loss_space == "eps" else (z - (1 - ab).sqrt() * e) / ab.sqrt()
 
     def gumbel(pi, g):  # G(pi; g) = softmax((pi + g) / tau): hard (straight-through), soft, or soft top-k
-        y = ((pi + g.to(device)) / args.tau).softmax(-1)
+        y = ((pi + g[:len(pi)].to(device)) / args.tau).softmax(-1)  # kmeans-sklearn: maybe fewer than K
         if args.hard:
-            return F.one_hot(y.argmax(-1), args.K).to(y.dtype) - y.detach() + y
+            return F.one_hot(y.argmax(-1), len(pi)).to(y.dtype) - y.detach() + y
         if args.gumbel_topk:  # AGE, soft: the weights >= the k-th largest, renormalised
-            kth = y.sort(descending=True).values[args.gumbel_topk - 1]
+            kth = y.sort(descending=True).values[min(args.gumbel_topk, len(y)) - 1]
             y = torch.where(y >= kth, y, 0.0)
             y = y / y.sum()  # y_i 1[y_i >= kth] / sum_j y_j 1[y_j >= kth]
         return y
@@ -172,6 +172,8 @@ def erase_literally(m, unet_orig, args, resample=False):
                 l2 = mse(space(e_prime, z_r, ab), space(e_orig, z_r, ab))
                 scale = z_r.numel() if args.pi_optim == "sgd" else 1.0  # sgd: the printed sum
                 (grad,) = torch.autograd.grad(l2 * scale, pi)
+                if args.pi_optim == "normalized" and grad.norm() > 0:  # pgd as published: eta g / ||g|| ||c_a||
+                    grad = grad / grad.norm() * pi.detach().norm()  # (at theta' = theta, g = 0: no step)
                 pi.grad = -grad
                 s["opt"].step()
                 continue

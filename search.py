@@ -7,7 +7,8 @@ Section 4 and Appendix B.1. For each erased concept c_e:
 - the K candidates nearest to c_e (`--select similar`: the K most similar by cosine
   similarity, as the paper says; `--select kmeans`: the published code's two stages,
   the `--k_closest` nearest by L2 distance, then 1-D k-means on those distances, keeping
-  the word nearest each of K centroids);
+  the word nearest each of K centroids; `--select kmeans-sklearn`: the same with sklearn's
+  KMeans as published, which may keep fewer than K);
 - logits pi (K,), uniform at the start; c_a = G(pi) R with G the Gumbel-Softmax of
   temperature tau, hard (one-hot forward, straight-through gradient) or soft;
   `--gumbel_topk k` (AGE's published code, train_age.py's gumbel_softmax): soft G keeps its k
@@ -164,8 +165,28 @@ def candidates(R, c_e, K, select="similar", k_closest=1000):
         return scores(R, target, select).topk(K).indices
     # published code: k_closest by L2 distance, then K representatives by 1-D k-means
     d = scores(R, target, select)
-    near = d.topk(min(max(k_closest, K), len(R)), largest=False).indices
-    return near[kmeans_1d(d[near], K)]
+    if select == "kmeans":
+        near = d.topk(min(max(k_closest, K), len(R)), largest=False).indices  # nearest first
+        return near[kmeans_1d(d[near], K)]
+    near = d.topk(min(k_closest, len(R)), largest=False).indices  # as published: k_closest < K keeps k_closest
+    return near[sklearn_representatives(d[near], K)]
+
+
+def sklearn_representatives(d, K):
+    """--select kmeans-sklearn, the published code's (gen_embedding_matrix.py, my_kmean): sklearn's
+    KMeans (random_state 0) on the values -d, then for each centroid the first value (nearest
+    first) closest to it. Two centroids may pick the same word: the published dict keeps it once,
+    so fewer than K candidates may come back, in the order of the centroids that first chose
+    them. With k_closest <= K, all of them. n_init is fixed at 10, sklearn's default before 1.4
+    (from 1.4: 1), so that the result does not depend on the installed version."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+    v = -d.double().numpy()
+    if len(v) <= K:
+        return torch.arange(len(v))
+    centers = KMeans(n_clusters=K, random_state=0, n_init=10).fit(v[:, None]).cluster_centers_[:, 0]
+    chosen = dict.fromkeys(int(np.abs(v - c).argmin()) for c in centers)  # argmin: the first of ties
+    return torch.tensor(list(chosen))
 
 
 def gumbel_noise(shape, generator):
@@ -180,12 +201,12 @@ def G(pi, g, tau, hard, topk=0):
     ignored, as in AGE's code. Soft with topk = k > 0 (AGE's code): y's k largest weights,
     renormalised to sum 1, the others 0; its gradient is that of this renormalised y, i.e. of a
     softmax over the k kept logits alone: zero for the other K - k."""
-    y = ((pi + g.to(pi.device)) / tau).softmax(-1)
+    y = ((pi + g[:pi.shape[-1]].to(pi.device)) / tau).softmax(-1)  # K noises drawn; fewer candidates use the first
     if hard:
         y_hard = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
         return y_hard - y.detach() + y
     if topk:
-        keep = y >= y.topk(topk).values[-1]  # the k largest (a tie with the k-th kept too, as published)
+        keep = y >= y.topk(min(topk, len(y))).values[-1]  # the k largest (a tie with the k-th kept too, as published)
         y = y * keep / (y * keep).sum(-1)  # AGE: y_i 1[i kept] / sum_j y_j 1[j kept], sums to 1
     return y
 
@@ -202,15 +223,16 @@ def mix(y, R_K):
 
 def new_search(m, words, R, c_e, args, device):
     """Algorithm 1's state for each erased concept: its candidates and logits pi, with an
-    optimiser (Adam, as the published code; `--pi_optim sgd` is the printed plain ascent)."""
+    optimiser (Adam, as the published code; `--pi_optim sgd` is the printed plain ascent;
+    `normalized`, pgd's published step, moves by SGD with a rescaled gradient: `ascend`)."""
     states = []
     for i in range(len(c_e)):
         if args.search == "pgd":  # Fig. 4 (top): continuous c_a, initialised at c_e
             x = c_e[i:i + 1].detach().clone().requires_grad_(True)
             idx = candidates(R, c_e[i], min(args.K, len(R)), args.select, args.k_closest)
         else:
-            x = torch.zeros(args.K, device=device, dtype=c_e.dtype, requires_grad=True)  # pi, uniform
-            idx = candidates(R, c_e[i], args.K, args.select, args.k_closest)
+            idx = candidates(R, c_e[i], args.K, args.select, args.k_closest)  # K, or fewer (kmeans-sklearn)
+            x = torch.zeros(len(idx), device=device, dtype=c_e.dtype, requires_grad=True)  # pi, uniform
         opt = (torch.optim.Adam if args.pi_optim == "adam" else torch.optim.SGD)([x], lr=args.eta)
         states.append(dict(x=x, opt=opt, words=[words[j] for j in idx],
                            R_K=R[idx].to(device, c_e.dtype)))  # R is cached in fp16
@@ -242,9 +264,13 @@ def ascend(s, l2_of, d, args, scale=1.0):
     """Algorithm 1, one step: pi <- pi + eta grad_pi L2(G(pi) R). Only pi moves: the gradient
     is taken with respect to pi alone, so nothing accumulates on the UNet's parameters.
     `scale` multiplies L2 (a mean over elements) back into the printed squared norm for
-    plain ascent (--pi_optim sgd); Adam does not depend on it but for its epsilon."""
+    plain ascent (--pi_optim sgd); Adam does not depend on it but for its epsilon.
+    --pi_optim normalized (pgd, train_adversarial_pgd.py): c_a <- c_a + eta g / ||g|| ||c_a||, a
+    step of eta times c_a's own norm along the gradient."""
     l2 = l2_of(concept(s, d, args))
     (grad,) = torch.autograd.grad(l2 * scale, s["x"])
+    if args.pi_optim == "normalized":  # a zero gradient stays zero (no 0/0)
+        grad = grad / grad.norm().clamp_min(torch.finfo(grad.dtype).tiny) * s["x"].detach().norm()
     s["x"].grad = -grad  # the optimiser descends; descending -L2 ascends L2
     s["opt"].step()
     return float(l2.detach())

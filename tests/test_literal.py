@@ -53,6 +53,12 @@ CASES += [("age hard, top-k 2", ["--method", "age", "--tau", "0.1", "--gumbel_to
                                  "--negative_guidance", "1", "--timestep", "matched"]),
           ("eap soft, top-k 2", ["--method", "eap", "--soft", "--gumbel_topk", "2", "--n_iter", "2",
                                  "--pi_grad", "trained", "--timestep", "matched"])]
+# pgd as train_adversarial_pgd.py steps: c_a += eta g / ||g|| ||c_a||, L2 on z, lambda 0.01
+CASES += [("pgd, published step", ["--method", "eap", "--search", "pgd", "--pi_optim", "normalized", "--l2_on", "z",
+                                   "--pi_grad", "trained", "--lam", "0.01", "--n_iter", "2", "--timestep", "published"])]
+# the published k-means with k_closest 3 < K 4: three candidates, pi of length 3, the K noises' first 3
+CASES += [("eap, kmeans-sklearn 3 of K 4", ["--method", "eap", "--select", "kmeans-sklearn", "--k_closest", "3",
+                                            "--timestep", "matched"])]
 # every row on SD-2 768-v (v-prediction) and SDXL (two encoders, pooled, micro-conditioning), the
 # timestep modes alternating; SDXL's c_n as zeros too
 FAMILY_CASES = [(kind, name, flags + ["--timestep", ("matched", "published")[i % 2]])

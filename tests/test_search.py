@@ -144,6 +144,27 @@ def test_ascent_moves_pi_towards_the_concept_with_the_largest_l2():
     assert search.chosen(s, a) == "b"
 
 
+def test_pgd_published_step_is_eta_times_the_norm_of_c_a_along_the_gradient():
+    """--pi_optim normalized (train_adversarial_pgd.py): c_a <- c_a + eta g / ||g|| ||c_a||, so
+    the step's length is eta ||c_a|| whatever the size of g, and it goes up the gradient."""
+    c0 = torch.randn(1, 77, 4)
+    w = torch.randn(1, 77, 4)
+    a = args(search="pgd", pi_optim="normalized", eta=0.05)
+    for size in (1e-6, 1e3):  # the gradient's size does not matter
+        s = dict(x=c0.clone().requires_grad_(True), R_K=torch.randn(3, 77, 4), words=list("abc"))
+        s["opt"] = torch.optim.SGD([s["x"]], lr=a.eta)
+        search.ascend(s, lambda c: size * (c * w).sum(), search.draw(s, a, None), a)
+        step = s["x"].detach() - c0
+        assert torch.isclose(step.norm(), a.eta * c0.norm(), rtol=1e-5)
+        assert torch.allclose(step / step.norm(), w / w.norm(), atol=1e-6)  # up the gradient of L2
+
+
+def test_pgd_published_step_is_refused_for_the_gumbel_search(tiny_sd, tmp_path):
+    import erase
+    with pytest.raises(UsageError, match="--search pgd only"):
+        erase.parse_args(["--concept", "truck", "--pi_optim", "normalized"])
+
+
 def test_a_search_step_increases_l2_on_the_tiny_unet(tiny_sd):
     m = load_model(tiny_sd)
     with torch.no_grad():  # theta' differs from theta, so that L2 is not zero
@@ -178,6 +199,20 @@ def test_candidates_similar_and_kmeans():
     assert len(set(idx.tolist())) == 5 and 7 in idx.tolist()  # nearest value is its own centroid's
     with pytest.raises(UsageError, match="larger than the vocabulary"):
         search.candidates(R, c_e, 21)
+
+
+def test_sklearn_kmeans_collapses_shared_representatives_as_published():
+    """--select kmeans-sklearn: sklearn's KMeans on the distances; a word that is nearest to two
+    centroids is kept once (fewer than K come back), the first of equal values wins, and
+    k_closest <= K keeps all k_closest, nearest first."""
+    d = torch.tensor([0.0, 0.1, 0.2, 5.0, 5.1, 9.9, 10.0])
+    assert sorted(d[search.sklearn_representatives(d, 3)].round().tolist()) == [0.0, 5.0, 10.0]
+    same = torch.tensor([1.0, 1.0, 1.0, 1.0, 10.0])  # two distinct values, three centroids
+    assert sorted(search.sklearn_representatives(same, 3).tolist()) == [0, 4]
+    R = torch.randn(20, 77, 4)
+    c_e = R[7] + 0.01 * torch.randn(77, 4)
+    idx = search.candidates(R, c_e, 5, "kmeans-sklearn", k_closest=3)
+    assert len(idx) == 3 and int(idx[0]) == 7
 
 
 def test_kmeans_1d_picks_one_value_per_cluster():
