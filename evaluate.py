@@ -262,9 +262,11 @@ def parse_args(argv=None):
                "models' images per concept", folder=False)
     s.add_argument("--original", required=True, help="folder of the original model theta")
     s.add_argument("--sanitized", required=True, help="folder of the sanitized model theta'")
-    # the paper names "openai/clip-vit-base-patch14", which does not exist: B/32 as in Table 4 here,
-    # --clip_model openai/clip-vit-large-patch14 for the nearest reading
-    s.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="or 'random'")
+    # the paper names "openai/clip-vit-base-patch14", which does not exist; EAP's eval_similarity_clip.py
+    # scores Fig. 1 with torchmetrics' CLIPScore on ViT-L/14, after its antialiased resize to 224
+    s.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="or 'random'")
+    s.add_argument("--clip_resize", default="published", choices=["published", "processor"],
+                   help="published: torchvision's antialiased resize first (EAP's evaluation)")
     s.add_argument("--plot", help="prefix of the two charts (default: beside --json)")
     return p.parse_args(argv)
 
@@ -345,7 +347,7 @@ def main(argv=None):
         paths_e = [paths_e[j] for j in pair_rows(rows, rows_e)]  # same concept and seed
         clip = load_clip(args.clip_model, args.device)
         texts = [r["prompt"] for r in rows]
-        (e_orig, e_txt), (e_erased, _) = (clip_embeddings(clip, ps, texts, args.batch, args.device)
+        (e_orig, e_txt), (e_erased, _) = (clip_embeddings(clip, ps, texts, args.batch, args.device, args.clip_resize)
                                           for ps in (paths, paths_e))
         delta = sensitivity(rows, clip_score(e_orig, e_txt), clip_score(e_erased, e_txt))
         sims = similarity(rows, e_orig, e_erased)

@@ -18,6 +18,7 @@ import metrics
 import family
 import prompts
 import sample
+import sensitivity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -370,7 +371,7 @@ def readme_commands():
     text = text[:text.index("\n## ", 1)]  # the Evaluation section alone
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     return [shlex.split(line) for b in blocks for line in b.replace("\\\n", " ").splitlines()
-            if line.startswith(("python sample.py ", "python evaluate.py "))]  # erase.py's: test_readme
+            if line.startswith(("python sample.py ", "python evaluate.py ", "python sensitivity.py "))]  # erase.py's: test_readme
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +395,7 @@ def test_readme_commands(tmp_path, monkeypatch, tiny32, kind):
     family in SD-1.4's place (the same commands with --model FOLDER)."""
     tiny_sd32 = tiny32(kind)
     cmds = readme_commands()
-    assert {c[2] for c in cmds if c[1] == "evaluate.py"} >= set(SMALL)
+    assert {c[2] for c in cmds if c[1] == "evaluate.py"} >= set(SMALL) and any(c[1] == "sensitivity.py" for c in cmds)
     monkeypatch.chdir(tmp_path)
     # the inputs the README asks the user to supply: I2P CSV, COCO prompts and images, erase.py weights
     open("i2p_benchmark.csv", "w").write("prompt,evaluation_seed,evaluation_guidance,case_number\n"
@@ -411,6 +412,9 @@ def test_readme_commands(tmp_path, monkeypatch, tiny32, kind):
     for c in cmds:
         if c[1] == "sample.py":
             sample.main(c[2:] + ["--model", tiny_sd32, "--steps", "1", "--batch", "16"])
+        elif c[1] == "sensitivity.py":  # a small vocabulary in --vocab clip's place
+            open("words.txt", "w").write("truck\ncar\nperson\n")
+            sensitivity.main(c[2:] + ["--model", tiny_sd32, "--vocab", "words.txt", "--device", "cpu"])
         else:
             small = ["--words", "2", "--concepts", "a photo, person"] if "concepts" in c else []
             ev.main(c[2:] + SMALL[c[2]] + small)
