@@ -3,7 +3,7 @@ sensitivity analysis of Section 3.2 (Figs. 1-2), on folders of generated images.
 
 A generated folder is what `python sample.py --csv P.csv --out_dir DIR` writes: DIR/prompts.csv
 (P.csv's rows) and DIR/{row:05d}.png, one image per data row. Rows of two folders are matched on
-(prompt, seed).
+(prompt, seed, sample).
 
     python evaluate.py prompts imagenette --out prompts/imagenette.csv     # 10 classes x 500 seeds
     python evaluate.py prompts artists --out prompts/artists.csv           # or --file yours.csv
@@ -38,7 +38,7 @@ from cli import UsageError, default_device, one_line_errors, read_csv, run_cli, 
 from metrics import (EXPOSED, THRESHOLDS, body_parts, clip_embeddings, clip_score, detect_nudity, esr_psr, fid,
                      load_classifier, load_clip, load_lpips, lpips_distances, ner, sensitivity, similarity,
                      topk_classes)
-from prompts import (IMAGENETTE, prompts_artists, prompts_concepts, prompts_i2p,
+from prompts import (IMAGENETTE, IMAGENETTE_SPLITS, prompts_artists, prompts_concepts, prompts_i2p,
                      prompts_imagenette, prompts_toy, toy_classes)
 
 # Published numbers: Table 1 (mean over 4 splits), Table 2, Table 4
@@ -66,12 +66,12 @@ def read_folder(folder):
     return rows, paths
 
 
-
-
 def pair_rows(rows, ref_rows):
-    """For each row, the index of the row of `ref_rows` with the same (prompt, seed)."""
-    index = {(r["prompt"], str(r["seed"])): i for i, r in enumerate(ref_rows)}
-    pairs = [index.get((r["prompt"], str(r["seed"]))) for r in rows]
+    """For each row, the index of the row of `ref_rows` with the same (prompt, seed, sample)
+    (`sample`: which of a published row's images, sample.py's z_T)."""
+    key = lambda r: (r["prompt"], str(r["seed"]), r.get("sample") or "")  # noqa: E731
+    index = {key(r): i for i, r in enumerate(ref_rows)}
+    pairs = [index.get(key(r)) for r in rows]
     if None in pairs:
         r = rows[pairs.index(None)]
         raise UsageError(f"no image for prompt {r['prompt'][:40]!r} seed {r['seed']} in the other folder")
@@ -88,38 +88,6 @@ def names(text, known, what):
     return [lower[n.lower()] for n in out]
 
 
-# ---------------------------------------------------------------- Table 1: ESR-k / PSR-k
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- Table 2 / Fig. 5: nudity
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- Table 4 / Section 3.2: CLIP score
-
-
-
-
-
-
-
-
-
-
-
-
-
 def sensitivity_figures(delta, sims):
     """What Figs. 1-2 plot, {name: (kind, labels, values, title, xlabel)}: Fig. 1, delta per
     concept, largest first; Fig. 2, the histogram of the per-concept similarity over concepts."""
@@ -128,12 +96,6 @@ def sensitivity_figures(delta, sims):
                      "Fig. 1: delta(c), original - sanitized CLIP score", None),
             "hist": ("hist", [], list(sims.values()), "Fig. 2: similarity of the two models' outputs",
                      "CLIP image-image cosine, original vs sanitized (mean over seeds)")}
-
-
-# ---------------------------------------------------------------- Table 4: LPIPS; Table 2: FID
-
-
-
 
 
 def fid_images(folder, expected=None, generated=False):
@@ -224,7 +186,8 @@ def parse_args(argv=None):
     q = one_line_errors(sub.add_parser("prompts", help="write a prompt CSV for sample.py --csv"))
     q.add_argument("set", choices=["imagenette", "artists", "i2p", "concepts", "toy"])
     q.add_argument("--out", required=True)
-    q.add_argument("--file", help="artists: CSV with prompt,artist; i2p: the I2P CSV")
+    q.add_argument("--file", help="artists: CSV with prompt,artist, or the published one (with evaluation_seed); "
+                   "i2p: the I2P CSV; concepts: Fig. 1's published CSVs, comma-separated")
     q.add_argument("--seeds", type=int, help="seeds per prompt (imagenette 500, artists 5, concepts 200, "
                    "toy 8)")
     q.add_argument("--guidance", type=float, help="i2p: one guidance for all rows")
@@ -241,7 +204,8 @@ def parse_args(argv=None):
         if erased_help:
             s.add_argument("--erased", default="", help=erased_help)
         return s
-    s = metric("esr-psr", "Table 1: ESR-k / PSR-k with ResNet-50", "comma-separated erased classes")
+    s = metric("esr-psr", "Table 1: ESR-k / PSR-k with ResNet-50",
+               "comma-separated erased classes, or a published split: " + ", ".join(IMAGENETTE_SPLITS))
     s.add_argument("--classifier", default="resnet50", choices=["resnet50", "random", "toy"],
                    help="toy: the toy world's oracle, for folders of `prompts toy`")
     s = metric("nudity", "Table 2 / Fig. 5: NER@t with NudeNet")
@@ -258,6 +222,8 @@ def parse_args(argv=None):
     s.add_argument("--features", default="inception", choices=["inception", "random"])
     s.add_argument("--n_reference", type=int, help="refuse unless the reference has this many images "
                    "(30000 for COCO-30K)")
+    s = metric("average", "Table 1's mean over splits: several esr-psr results as mean and std", folder=False)
+    s.add_argument("results", nargs="+", help="esr-psr --json files, one a split")
     s = metric("sensitivity", "Section 3.2, Figs. 1-2: delta_{c_e}(c) and the similarity of the two "
                "models' images per concept", folder=False)
     s.add_argument("--original", required=True, help="folder of the original model theta")
@@ -276,11 +242,13 @@ def main(argv=None):
     if args.cmd == "prompts":
         if args.seeds is not None and args.seeds < 1:
             raise UsageError("--seeds must be at least 1")
-        seeds = args.seeds or {"imagenette": 500, "artists": 5, "concepts": 200, "toy": 8}.get(args.set)
+        # seeds a prompt; for a published-format --file, images a row (Fig. 1's files: 1, as published)
+        per = {"imagenette": 500, "artists": 5, "concepts": 1 if args.file else 200, "toy": 8}
+        seeds = args.seeds or per.get(args.set)
         rows = {"imagenette": lambda: prompts_imagenette(seeds),
                 "artists": lambda: prompts_artists(args.file, seeds),
                 "i2p": lambda: prompts_i2p(args.file, args.guidance),
-                "concepts": lambda: prompts_concepts(args.concepts, args.words, seeds),
+                "concepts": lambda: prompts_concepts(args.concepts, args.words, seeds, args.file),
                 "toy": lambda: prompts_toy(seeds)}[args.set]()
         write_csv(args.out, rows)
         print(json.dumps({"wrote": args.out, "set": args.set, "rows": len(rows)}))
@@ -293,7 +261,8 @@ def main(argv=None):
         if "class" not in rows[0]:
             raise UsageError(f"{args.folder} has no 'class' column (use prompts imagenette)")
         classes = toy_classes() if args.classifier == "toy" else IMAGENETTE  # name -> index
-        erased = names(args.erased, classes, "class")
+        split = {k.lower(): v for k, v in IMAGENETTE_SPLITS.items()}.get(args.erased.strip().lower())
+        erased = names(", ".join(split) if split and args.classifier != "toy" else args.erased, classes, "class")
         if not erased:
             raise UsageError("--erased: name the erased classes (the same split for the original model)")
         cls = [names(r["class"], classes, "class")[0] for r in rows]
@@ -307,6 +276,13 @@ def main(argv=None):
         print(beside_paper(res, keys, {} if args.classifier == "toy" else PAPER_TABLE1))
         print(table(["class", "erased"] + keys, [[c, c in erased] + [v[k] for k in keys]
                                                  for c, v in res["per_class"].items()]))
+    elif args.cmd == "average":  # Table 1: "mean of 4 splits"
+        runs = [json.load(open(f)) for f in args.results]
+        keys = ["ESR-1", "ESR-5", "PSR-1", "PSR-5"]
+        if any(r.get("command") != "esr-psr" for r in runs):
+            raise UsageError("average takes the --json files of esr-psr runs")
+        res.update({k: mean_std([r[k] for r in runs]) for k in keys}, splits=[r["erased"] for r in runs])
+        print(beside_paper({k: f"{res[k]['mean']:.1f} ± {res[k]['std']:.1f}" for k in keys}, keys, PAPER_TABLE1))
     elif args.cmd == "nudity":
         rows, paths = read_folder(args.folder)
         detections = detect_nudity(paths)

@@ -1,18 +1,28 @@
 """The prompt sets of Section 5 and Section 3.2, as CSV files for `sample.py --csv`.
 
     python evaluate.py prompts imagenette --out prompts/imagenette.csv     # 10 classes x 500 seeds
+    (Table 1 erases one of the four published splits of them, data/imagenette_splits.json)
     python evaluate.py prompts artists --out prompts/artists.csv           # or --file yours.csv
     python evaluate.py prompts i2p --file i2p_benchmark.csv --out prompts/i2p.csv
     python evaluate.py prompts concepts --out prompts/concepts.csv --seeds 200
 """
+import json
+import os
+
 from cli import UsageError, read_csv
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 # Section 5.1: the 10 Imagenette classes and their ImageNet-1k indices
 IMAGENETTE = {"tench": 0, "english springer": 217, "cassette player": 482, "chain saw": 491,
               "church": 497, "french horn": 566, "garbage truck": 569, "gas pump": 571,
               "golf ball": 574, "parachute": 701}
-# Section 5.3's five artists. The paper uses 40 long prompts per artist (not published); this
-# built-in list is shorter: 4 per artist, the first three being the prompts of Figs. 12-14.
+# Table 1's four splits of five erased classes (EAP's utils_exp.py, imagenette_v1_wo ... v4_wo)
+IMAGENETTE_SPLITS = json.load(open(os.path.join(DATA, "imagenette_splits.json")))
+# Section 5.3's five artists. The paper uses 40 long prompts per artist (EAP's
+# data/long_niche_art_prompts.csv: sentences written by others, not shipped; `prompts artists
+# --file` reads it); this built-in list is shorter: 4 per artist, the first three being the
+# prompts of Figs. 12-14.
 ARTISTS = {
     "Kelly McKernan": [
         "Portrait of a woman with floral crown by Kelly McKernan",
@@ -57,8 +67,31 @@ def prompts_imagenette(seeds):
             for c, i in IMAGENETTE.items() for s in range(seeds)]
 
 
+def published_rows(file, need, samples, **columns):
+    """A prompt CSV in the published format (case_number, prompt, evaluation_seed, ...; EAP's
+    data/long_niche_art_prompts.csv, data/similarity-nudity*_200.csv): `samples` images a row, the
+    j-th from the j-th latent of one batch drawn from the row's evaluation_seed, as the published
+    generate-images.py draws a row's num_samples (sample.py's `sample` column). `columns`: our
+    column -> the file's."""
+    rows = read_csv(file, need=("prompt", "evaluation_seed", *need))
+    bad = [r for r in rows if not r["evaluation_seed"].strip().isdigit()]
+    if bad:
+        raise UsageError(f"{file}: evaluation_seed must be a whole number in every row ({bad[0]['evaluation_seed']!r})")
+    return [dict(prompt=r["prompt"], seed=int(r["evaluation_seed"]), sample=j, case_number=r.get("case_number", i),
+                 **{ours: r[theirs] for ours, theirs in columns.items()})
+            for i, r in enumerate(rows) for j in range(samples)]
+
+
+def has_column(file, name):
+    return bool(file) and name in read_csv(file)[0]
+
+
 def prompts_artists(file, seeds):
-    """Section 5.3: each (prompt, artist) with seeds 0..seeds-1."""
+    """Section 5.3: each (prompt, artist) with seeds 0..seeds-1; a published-format file
+    (with evaluation_seed: data/long_niche_art_prompts.csv, 40 prompts an artist) as published,
+    `seeds` samples a row from its evaluation_seed."""
+    if has_column(file, "evaluation_seed"):
+        return published_rows(file, ("artist",), seeds, artist="artist")
     pairs = [(p, a) for a, ps in ARTISTS.items() for p in ps]
     if file:
         pairs = [(r["prompt"], r["artist"]) for r in read_csv(file, need=("prompt", "artist"))]
@@ -78,8 +111,12 @@ def prompts_i2p(file, guidance=None):
                  case_number=r.get("case_number", i)) for i, r in enumerate(rows)]
 
 
-def prompts_concepts(concepts, words, seeds):
-    """Section 3.2: each concept c as its own prompt, k = `seeds` seeds (the paper: k = 200)."""
+def prompts_concepts(concepts, words, seeds, files=None):
+    """Section 3.2: each concept c as its own prompt, k = `seeds` seeds (the paper: k = 200). Or
+    Fig. 1's published files (comma-separated; data/similarity-nudity*_200.csv: 200 rows a
+    concept, each with its evaluation_seed, one image a row; the concept is label_str)."""
+    if files:
+        return [r for f in files.split(",") for r in published_rows(f.strip(), ("label_str",), seeds, concept="label_str")]
     cs = [c.strip() for c in concepts.split(",") if c.strip()] if concepts else list(CONCEPTS)
     if words:  # Fig. 2 spans a whole vocabulary; here: the most frequent English words
         from wordfreq import top_n_list

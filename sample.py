@@ -72,11 +72,19 @@ def generate(m, prompts, seeds, guidance=7.5, steps=100, batch=8, progress=True,
     return out
 
 
+def z_T(m, seed):
+    """One image's starting noise (1, C, H, W): family.noise for an int seed; for (seed, j), the
+    j-th latent of a batch drawn from that seed, as the published generation scripts draw a
+    prompt's num_samples (a CSV's `sample` column); (seed, 0) is the int seed's."""
+    s, j = seed if isinstance(seed, tuple) else (seed, 0)
+    return noise(m, j + 1, s, m.unet.device)[j:j + 1]
+
+
 @torch.no_grad()
 def sample_from(m, c, seeds, guidance, steps, c_uncond, scheduler="ddim"):
     """One batch from conditioning values c (B, L, D), seed by seed: the images as uint8 arrays
     (H, W, 3) and z_0 (B, C, H, W), what the VAE decoded them from."""
-    z = torch.cat([noise(m, 1, s, m.unet.device) for s in seeds])
+    z = torch.cat([z_T(m, s) for s in seeds])
     z = denoise(m, z, c, c_uncond.expand_as(c), guidance, steps, scheduler)
     x = rearrange(decode(m, z).float().cpu(), "b c h w -> b h w c")
     return list((x.numpy() * 255).round().astype(np.uint8)), z
@@ -168,7 +176,7 @@ def parse_args(argv=None):
                         "lms: LMSDiscreteScheduler (EAP's I2P, COCO-30K, artists)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--out", default="samples.png", help="the grid's PNG")
-    p.add_argument("--csv", help="prompt file (columns prompt, seed; optional guidance): one "
+    p.add_argument("--csv", help="prompt file (columns prompt, seed; optional guidance, sample): one "
                                  "PNG per row into --out_dir (Section 5's settings by default)")
     p.add_argument("--out_dir", help="with --csv: folder of {row:05d}.png and prompts.csv")
     p.add_argument("--batch", type=int, default=None, help="images per forward (CUDA 16, CPU 8)")
@@ -219,6 +227,11 @@ def check_settings(args, rank=0):
     os.replace(f"{path}.{rank}.tmp", path)
 
 
+def row_seed(row):
+    """A CSV row's seed: `seed`, or (seed, sample) where the row has a `sample` column (z_T)."""
+    return (int(row["seed"]), int(row["sample"])) if row.get("sample") not in (None, "") else int(row["seed"])
+
+
 def generate_csv(m, args, rows):
     """Section 5's generation: one PNG per CSV row (DIR/{row:05d}.png), 100 steps of
     args.scheduler, guidance 7.5 unless the row says otherwise. Resumable: rows whose PNG exists
@@ -239,7 +252,7 @@ def generate_csv(m, args, rows):
         for i in chunk:  # rows of one batch may ask for different guidance scales
             by_guidance.setdefault(float(rows[i].get("guidance") or args.guidance), []).append(i)
         for g, idx in by_guidance.items():
-            imgs = generate(m, [rows[i]["prompt"] for i in idx], [int(rows[i]["seed"]) for i in idx],
+            imgs = generate(m, [rows[i]["prompt"] for i in idx], [row_seed(rows[i]) for i in idx],
                             g, steps, batch=len(idx), progress=False, c_uncond=c_uncond,
                             scheduler=args.scheduler)
             for i, x in zip(idx, imgs):

@@ -19,6 +19,7 @@ import family
 import prompts
 import sample
 import sensitivity
+from cli import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,51 @@ def test_prompt_sets(tmp_path):
     assert len(rows) == 2 * 5 and all(r["prompt"].replace(" ", "").isalpha() for r in rows)
 
 
+def test_published_prompt_files(tmp_path):
+    """EAP's long_niche_art_prompts.csv: 5 images a row, the j-th from the j-th latent of one
+    batch seeded with the row's evaluation_seed (sample j); Fig. 1's similarity-nudity*_200.csv:
+    one image a row, its concept label_str, several files at once; a seed that is not a number:
+    one line."""
+    art = tmp_path / "long_niche_art_prompts.csv"
+    art.write_text("case_number,prompt,evaluation_seed,artist\n0,\"A castle, by X\",3,X\n1,A sea,7,Y\n")
+    rows = prompts.prompts_artists(str(art), 5)
+    assert len(rows) == 10 and [r["sample"] for r in rows[:5]] == [0, 1, 2, 3, 4]
+    assert {(r["prompt"], r["seed"], r["artist"]) for r in rows[:5]} == {("A castle, by X", 3, "X")}
+    f1, f2 = tmp_path / "s1.csv", tmp_path / "s2.csv"
+    f1.write_text("case_number,prompt,label_str,evaluation_seed\n0,women,women,3990\n1,women,women,11\n")
+    f2.write_text("case_number,prompt,label_str,evaluation_seed\n0,a photo,a photo,5\n")
+    rows = prompts.prompts_concepts(None, 0, 1, f"{f1}, {f2}")
+    assert [(r["prompt"], r["seed"], r["concept"], r["sample"]) for r in rows] == [
+        ("women", 3990, "women", 0), ("women", 11, "women", 0), ("a photo", 5, "a photo", 0)]
+    f2.write_text("case_number,prompt,label_str,evaluation_seed\n0,a photo,a photo,x5\n")
+    with pytest.raises(UsageError, match="evaluation_seed must be a whole number"):
+        prompts.prompts_concepts(None, 0, 1, str(f2))
+    # two images of one row and seed are told apart by `sample` when two folders are paired
+    rows = [dict(prompt="p", seed="3", sample="0"), dict(prompt="p", seed="3", sample="1")]
+    assert ev.pair_rows(rows, rows[::-1]) == [1, 0]
+
+
 # ---------------------------------------------------------------- Table 1
+
+def test_published_splits_and_their_average(tmp_path, monkeypatch):
+    """--erased imagenette_v2_wo names the second published split; `average` gives Table 1's
+    mean and (population) std over the splits' results."""
+    folder = write_folder(str(tmp_path / "f"), imagenette_rows(["tench", "church"], seeds=1))
+    logits = torch.zeros(2, 1000)
+    logits[:, 0] = 9  # both images read as tench
+    monkeypatch.setattr(ev, "load_classifier", lambda name, device: (
+        Stub(logits), __import__("torchvision").models.ResNet50_Weights.IMAGENET1K_V2.transforms()))
+    res = ev.main(["esr-psr", folder, "--erased", "imagenette_v2_wo", "--json", str(tmp_path / "v2.json")])
+    assert res["erased"] == ["chain saw", "gas pump", "tench", "english springer", "golf ball"]
+    assert (res["ESR-1"], res["PSR-1"]) == (0.0, 0.0)  # tench not erased by the model; church lost
+    other = dict(json.load(open(tmp_path / "v2.json")), **{"ESR-1": 100.0, "PSR-1": 50.0})
+    json.dump(other, open(tmp_path / "v1.json", "w"))
+    avg = ev.main(["average", str(tmp_path / "v1.json"), str(tmp_path / "v2.json")])
+    assert avg["ESR-1"] == dict(mean=50.0, std=50.0, n=2) and avg["PSR-1"] == dict(mean=25.0, std=25.0, n=2)
+    with pytest.raises(UsageError, match="esr-psr"):
+        json.dump(dict(command="clip"), open(tmp_path / "c.json", "w"))
+        ev.main(["average", str(tmp_path / "c.json")])
+
 
 def test_esr_psr_arithmetic():
     # 4 images of an erased class (569), 4 of a preserved one (0); top-5 lists made by hand
@@ -362,7 +407,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 # appended to each README command: same code, small scale, random networks, tiny SD
 SMALL = {"prompts": ["--seeds", "1"], "esr-psr": ["--classifier", "random"],
          "nudity": [], "clip": ["--clip_model", "random"], "lpips": ["--lpips_net", "random"],
-         "fid": ["--features", "random"], "sensitivity": ["--clip_model", "random"]}
+         "fid": ["--features", "random"], "sensitivity": ["--clip_model", "random"], "average": []}
 
 
 def readme_commands():

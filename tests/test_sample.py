@@ -45,6 +45,18 @@ def test_stopping_at_step_t_returns_z_t_and_its_timestep(tiny_sd):
     assert t7 == 981 - 7 * 20 and not torch.equal(z7, z_T)
 
 
+def test_a_rows_sample_is_the_jth_latent_of_one_batch_from_its_seed(tiny_sd):
+    """The published generate-images.py draws a prompt's num_samples latents as one batch from
+    its evaluation_seed: (seed, j) is that batch's j-th; (seed, 0) is the plain seed's z_T."""
+    m = family.load_model(tiny_sd, vae=False)
+    cfg = m.unet.config
+    batch = torch.randn((5, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=torch.manual_seed(7))
+    for j in range(5):
+        assert torch.equal(sample.z_T(m, (7, j)), batch[j:j + 1])
+    assert torch.equal(sample.z_T(m, (7, 0)), sample.z_T(m, 7))
+    assert sample.row_seed(dict(seed="7", sample="3")) == (7, 3) and sample.row_seed(dict(seed="7")) == 7
+
+
 def test_grid_cli_original_beside_erased(tiny_sd, tmp_path):
     import erase
     weights = erase.main(["--model", tiny_sd, "--concept", "church", "--method", "esd",
