@@ -42,8 +42,9 @@ COST = dict(eap=3, age=3, fixed_empty=2, fixed_related=2, ca=2, esd=1.5, uce=0, 
 def methods(args, related):
     """Table 1's rows: erase.py's flags for each method (Fig. 1b's fixed choices included) on
     one split of E; `related` is that split's c_a of fixed_related (related_concept)."""
-    train = ["--train_method", args.train_method, "--steps", str(args.erase_steps), "--lr", str(args.lr),
-             "--ddim_steps", str(args.ddim_steps)] + (["--lora_rank", str(args.lora_rank)] if args.lora_rank else [])
+    common = ["--steps", str(args.erase_steps), "--lr", str(args.lr), "--ddim_steps", str(args.ddim_steps)] \
+        + (["--lora_rank", str(args.lora_rank)] if args.lora_rank else [])
+    train = ["--train_method", args.train_method, *common]
     esd_target = [*train, "--negative_guidance", str(args.negative_guidance)]
     searched = ["--vocab", args.vocab, "--K", str(args.K), "--n_iter", str(args.n_iter),
                 "--eta", str(args.eta), "--tau", str(args.tau)]
@@ -54,8 +55,9 @@ def methods(args, related):
             "age": ["--method", "age", *esd_target, *searched],
             # UCE: closed form, every erased concept guided to "" (erase.py's default): no steps, no lr
             "uce": ["--method", "uce"],
-            # CA: each erased concept's anchor c* is its last word, its shape ("red circle" -> "circle")
-            "ca": ["--method", "ca", *train]}
+            # CA as its code trains (ca.py): each erased concept's anchor c* is its last word, its shape
+            # ("red circle" -> "circle"), so the prior term is on; its own parameters (attn2's to_k, to_v)
+            "ca": ["--method", "ca", *common]}
 
 
 def related_concept(E):

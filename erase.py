@@ -12,8 +12,9 @@ Methods (--method), and what differs between them (`preserved`, `target_concept`
 - fixed: Eq. 4 with one fixed c_a = --preserve (Fig. 1b: "", "lexus", "road");
 - age:   Adaptive Guided Erasure: the target c_n is replaced by the Gumbel mixture c_t, which
          is also the preserved concept (L2 on z_r sampled with c_t, as AGE's train_age.py does);
-- ca:    Concept Ablation (Kumari et al. 2023), model-based: z_t from the frozen model's DDIM
-         trajectory for the anchor c*, and || eps_theta'(z_t, c_e) - eps_theta(z_t, c*) ||^2;
+- ca:    Concept Ablation (Kumari et al. 2023) as its code trains (ca.py): the original model's
+         images of the anchor c*, noised at t ~ U{0..T-1}, || eps_theta'(x_t, c_e) - eps_theta(x_t,
+         c*) ||^2 and a prior term; --ca_mode trajectory: z_t on the frozen DDIM trajectory of c*;
 - uce:   Unified Concept Editing (Gandikota et al. 2024): no training loop, a closed-form edit
          of every cross-attention key and value projection (uce.py).
 
@@ -33,6 +34,7 @@ import warnings
 import torch
 from tqdm import trange
 
+import ca
 import checkpoint
 import lora
 import search
@@ -72,7 +74,14 @@ def parse_args(argv=None):
     p.add_argument("--ca_target", default="frozen", choices=["frozen", "trained"],
                    help="ca: the anchor's prediction from the frozen model (the objective CA derives) "
                         "or from the model being trained, under no_grad (CA's published code)")
-    p.add_argument("--train_method", default="xattn", choices=TRAIN_METHODS)
+    p.add_argument("--ca_mode", default="images", choices=["images", "trajectory"],
+                   help="ca: anchor images noised at t ~ U[0, T) (CA's code) or z_t on c*'s DDIM trajectory")
+    p.add_argument("--ca_images", type=int, default=200, help="ca: anchor images per anchor")
+    p.add_argument("--ca_guidance", type=float, default=7.5, help="ca: the anchor images' guidance")
+    p.add_argument("--ca_prior", default="auto", choices=["auto", "on", "off"],
+                   help="ca: the prior term (auto: where the anchor's words are among the concept's)")
+    p.add_argument("--train_method", default=None, choices=TRAIN_METHODS,
+                   help="default xattn; ca (images): xattn-strict, CA's attn2 to_k and to_v")
     # a LoRA adapter instead of the full parameters (lora.py): theta' = W + (alpha / r) B A
     p.add_argument("--lora_rank", type=int, default=0, help="r of a LoRA adapter (0: train the full parameters)")
     p.add_argument("--lora_alpha", type=float, default=None, help="the adapter's alpha (default: r)")
@@ -139,7 +148,7 @@ def parse_args(argv=None):
         raise UsageError("--concept is empty or has an empty item")
     if args.method == "fixed" and args.preserve is None:
         raise UsageError("--method fixed needs --preserve (use --preserve \"\" for the empty concept)")
-    for name in ("steps", "K", "n_iter", "ddim_steps"):
+    for name in ("steps", "K", "n_iter", "ddim_steps", "ca_images"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
     if args.pi_optim == "normalized" and args.search != "pgd":
@@ -162,7 +171,10 @@ def parse_args(argv=None):
             raise UsageError("--negative_guidance is ESD's target; ca's target is the anchor's prediction")
         if args.sampler == "trained":
             raise UsageError("--method ca samples the anchor's images with the original model (--sampler frozen)")
+        args.ca_prior = [args.ca_prior == "on" or (args.ca_prior == "auto" and ca.overlaps(c, a))
+                         for c, a in zip(args.concepts, args.anchors)]
     args.sampler = args.sampler or ("frozen" if args.method == "ca" else "trained")
+    args.train_method = args.train_method or ("xattn-strict" if ca.images(args) else "xattn")
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
@@ -234,7 +246,8 @@ def draws(gen, args, n_concepts, shape, T=1000):
     t = None
     if args.timestep == "published":
         t = int(torch.randint(round(T * t_enc / n), round(T * (t_enc + 1) / n), (1,), generator=gen))
-    return argparse.Namespace(i=i, z_T=z_T, t_enc=t_enc, g=g, t=t)
+    c = ca.draw(gen, args, i, shape, T) if ca.images(args) else None  # CA's image, t and noise (ca.py)
+    return argparse.Namespace(i=i, z_T=z_T, t_enc=t_enc, g=g, t=t, ca=c)
 
 
 def when(args, ts, d):
@@ -342,6 +355,7 @@ def main(argv=None, m=None):
         return uce.write(m, args)
     M = models(args, m)  # theta', theta, eps_theta, eps_theta'
     C = concepts(m, args)  # text embeddings, computed once
+    A = ca.anchor_latents(m, args, C.anchor, C.n) if ca.images(args) else None  # CA's anchor images
     S = searches(args, m, C)  # Algorithm 1's candidates and pi, per erased concept
     opt = torch.optim.Adam(M.theta_prime.values(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw, so a resume replays them
@@ -357,6 +371,8 @@ def main(argv=None, m=None):
         d = draws(gen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
         c_e = C.e[d.i:d.i + 1]  # c_e ~ E
         first, stop, t, t_x0 = when(args, ts, d)
+        if d.ca:  # CA as its code trains: the UNet queried at the anchor image's noise level
+            t = t_x0 = d.ca.t
         t = torch.tensor(t, device=device)  # a tensor, as the UNet makes it: compile sees no new constant
         c_a, drawn = preserved(args, S, C, d)  # Algorithm 1's draw, the fixed concept, or none
 
@@ -367,12 +383,15 @@ def main(argv=None, m=None):
         conds = torch.cat([sampled_concept(args, C, d.i)] + ([c_a] if with_r else []))
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
-        with torch.no_grad(), M.amp:
-            zs, _ = ddim(sampler(args, m, M), m.scheduler,
-                         d.z_T.to(device, m.unet.dtype).expand(len(conds), -1, -1, -1), conds,
-                         C.n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop, start=first)
-        z, z_r = zs[:1].to(m.unet.dtype), zs[1:].to(m.unet.dtype)  # back from bf16 sampling
-        z_r = z_r if with_r else z
+        if d.ca:  # CA: an anchor image noised forward, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+            z = z_r = ca.noised(A[d.i, d.ca.j:d.ca.j + 1], d.ca.t, d.ca.noise.to(device, m.unet.dtype), abar)
+        else:
+            with torch.no_grad(), M.amp:
+                zs, _ = ddim(sampler(args, m, M), m.scheduler,
+                             d.z_T.to(device, m.unet.dtype).expand(len(conds), -1, -1, -1), conds,
+                             C.n.expand(len(conds), -1, -1), args.start_guidance, args.ddim_steps, stop, start=first)
+            z, z_r = zs[:1].to(m.unet.dtype), zs[1:].to(m.unet.dtype)  # back from bf16 sampling
+            z_r = z_r if with_r else z
 
         def sp(e, zz):  # eps (printed) or predicted x0 (published code)
             return in_space(e, zz, abar[t_x0], args.loss_space)
@@ -395,14 +414,19 @@ def main(argv=None, m=None):
         frozen_in = [(z, target_concept(args, C, d.i, c_a))] + ([(z, c_e)] if args.negative_guidance else []) \
             + ([(z_r, c_a)] if c_a is not None else [])
         trained_in = [(z, c_e)] + ([(z_r, c_a)] if c_a is not None else [])
+        prior = d.ca and d.ca.prior and ca.prior_input(A, d, abar, device)  # CA's prior: (x_t', eps', t')
+        if prior:
+            trained_in.append((prior[0], C.anchor[d.i:d.i + 1]))
         with torch.no_grad():  # CA's code takes its target from the model being trained
             out = batched(M.eps_theta_prime if args.ca_target == "trained" and args.method == "ca" else M.eps_theta,
                           frozen_in, t)
-        eps_p = batched(M.eps_theta_prime, trained_in, t)
+        eps_p = batched(M.eps_theta_prime, trained_in, torch.stack([t, prior[2]]) if prior else t)
         # Eq. 3's target (eta_neg = 0), the published code's negative guidance, AGE's c_t, CA's anchor
         target = erase_target(out[0], out[1] if args.negative_guidance else None, args.negative_guidance)
         l1 = L1(sp(eps_p[0], z), sp(target, z))
         l2 = L2(sp(eps_p[1], z_r), sp(out[-1], z_r)) if c_a is not None else torch.zeros((), device=device)
+        if prior:  # CA: || eps_theta'(x_t', c*) - eps' ||^2, the anchor kept (prior_loss_weight: lambda)
+            l2 = L2(*(in_space(e, prior[0], abar[prior[2]], args.loss_space) for e in (eps_p[1], prior[1])))
         loss = total(l1, l2, args.lam)  # Eq. 4/5: L1 + lambda L2
         if not torch.isfinite(loss):
             raise UsageError(f"the loss became {float(loss)} at step {k}; try a lower --lr")

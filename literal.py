@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum
 
+import ca
 import erase
 import search
 from params import trained_parameter_names
@@ -91,6 +92,7 @@ def erase_literally(m, unet_orig, args, resample=False):
     c_e, c_n = encode(m, args.concepts), empty(m, args.empty == "zeros")
     c_fixed = encode(m, [args.preserve]) if args.method == "fixed" else None
     c_anchor = encode(m, args.anchors) if args.method == "ca" else None  # Concept Ablation's c*
+    A = ca.anchor_latents(m, args, c_anchor, c_n) if ca.images(args) else None  # CA's anchor images
     S = []
     if erase.searched(args):  # the candidate set and pi of each erased concept (search.py)
         words = search.load_vocab(args.vocab, m.tokenizer, args.concepts, args.keep_erased)
@@ -132,6 +134,8 @@ def erase_literally(m, unet_orig, args, resample=False):
                 d = erase.draws(gen if it == 0 else regen, args, len(args.concepts), shape, m.scheduler.config.num_train_timesteps)
                 c_e_i = c_e[d.i:d.i + 1]
                 t, ab = query(args, m.scheduler, d)
+                if d.ca:  # CA as its code trains: t ~ U{0..T-1}, the anchor image's noise level
+                    t, ab = d.ca.t, m.scheduler.alphas_cumprod[d.ca.t]
                 ab = ab.to(device)
                 if erase.searched(args):  # one draw of c_a = G(pi) R
                     s = S[d.i]
@@ -148,7 +152,9 @@ def erase_literally(m, unet_orig, args, resample=False):
                     c_a, word = c_fixed, args.preserve
                 z_T = d.z_T.to(device, unet.dtype)
                 t_encs.append(d.t_enc)
-                if args.method == "ca":  # CA: z_t on the frozen model's trajectory for the anchor
+                if d.ca:  # CA: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, x0 an anchor image
+                    z = ab.sqrt() * A[d.i, d.ca.j:d.ca.j + 1] + (1 - ab).sqrt() * d.ca.noise.to(device, A.dtype)
+                elif args.method == "ca":  # CA: z_t on the frozen model's trajectory for the anchor
                     z = sample_z(m, sampler, z_T, c_anchor[d.i:d.i + 1], c_n, args, d.t_enc)
                 else:
                     z = sample_z(m, sampler, z_T, c_e_i, c_n, args, d.t_enc)
@@ -194,6 +200,11 @@ def erase_literally(m, unet_orig, args, resample=False):
             l2 = torch.zeros((), device=device)
             if c_a is not None:  # Eq. 4/5, L2 = || eps_theta'(z_r, c_a) - eps_theta(z_r, c_a) ||^2
                 l2 = mse(space(e(unet, z_r, t, c_a), z_r, ab), space(e_a, z_r, ab))
+            if d.ca and d.ca.prior:  # CA's prior: || eps_theta'(x_t', c*) - eps' ||^2 on a second anchor image
+                j_p, t_p, noise_p = d.ca.prior
+                ab_p, noise_p = m.scheduler.alphas_cumprod[t_p].to(device), noise_p.to(device, A.dtype)
+                z_p = ab_p.sqrt() * A[d.i, j_p:j_p + 1] + (1 - ab_p).sqrt() * noise_p
+                l2 = mse(space(e(unet, z_p, t_p, c_anchor[d.i:d.i + 1]), z_p, ab_p), space(noise_p, z_p, ab_p))
             loss = l1 + args.lam * l2  # Eq. 4/5: L1 + lambda L2
             opt.zero_grad()
             loss.backward()

@@ -42,23 +42,29 @@ def run(tiny_sd, vocab, out, *extra):
                                           ("fixed", ["--preserve", ""]), ("age", ["--tau", "0.1"]),
                                           ("eap", ["--search", "pgd"]),
                                           ("eap", ["--select", "kmeans", "--k_closest", "8", "--soft"]),
-                                          ("ca", []), ("ca", ["--anchor", "car", "--ca_target", "trained"])])
+                                          ("ca", ["--ca_images", "4"]),
+                                          ("ca", ["--anchor", "car", "--ca_target", "trained", "--ca_images", "4"]),
+                                          ("ca", ["--ca_mode", "trajectory"])])
 def test_each_method_trains_exactly_the_chosen_parameters(tiny_sd, vocab, tmp_path, method, extra):
     path = run(tiny_sd, vocab, tmp_path, "--method", method, *extra)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "log.jsonl", "weights.safetensors"]
     saved = load_file(path)
     original = dict(load_model(tiny_sd).unet.named_parameters())
-    assert set(saved) == {n for n in original if "attn2" in n}  # ESD-x, the default
+    if method == "ca" and "trajectory" not in extra:  # CA's code: attn2's to_k and to_v
+        assert set(saved) == {n for n in original if "attn2.to_k." in n or "attn2.to_v." in n}
+    else:
+        assert set(saved) == {n for n in original if "attn2" in n}  # ESD-x, the default
     assert any(not torch.equal(saved[n], original[n]) for n in saved)
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 1, 2] and all(r["c_e"] == "garbage truck" for r in log)
     if method in ("esd", "ca"):
-        assert all(r["l2"] == 0 and r["c_a"] is None for r in log)
+        anchor = "car" if "car" in extra else "truck"
+        prior = method == "ca" and anchor == "truck" and "trajectory" not in extra  # "truck" in "garbage truck"
+        assert all(r["c_a"] is None and (r["l2"] > 0) == prior for r in log)
         if method == "ca":
-            anchor = extra[1] if extra else "truck"
             assert all(r["anchor"] == anchor for r in log)
             config = json.load(open(tmp_path / "config.json"))
-            assert config["anchors"] == [anchor] and config["ca_target"] == (extra[-1] if extra else "frozen")
+            assert config["anchors"] == [anchor] and config["ca_target"] == ("trained" if "trained" in extra else "frozen")
     elif method == "fixed":
         assert all(r["c_a"] == extra[1] for r in log)
     else:

@@ -39,8 +39,9 @@ ROWS = [
     ("age", ["--method", "age", "--tau", "0.1", "--negative_guidance", "1"]),
     ("age soft, eps", ["--method", "age", "--soft", "--pi_grad", "trained"]),
     ("pgd", ["--method", "eap", "--search", "pgd", "--negative_guidance", "1", "--eta", "1e-2"]),
-    ("ca", ["--method", "ca", "--loss_space", "x0"]),
-    ("ca, trained target", ["--method", "ca", "--anchor", "car", "--ca_target", "trained"]),
+    ("ca", ["--method", "ca", "--loss_space", "x0", "--ca_images", "6"]),
+    ("ca, trained target", ["--method", "ca", "--anchor", "car", "--ca_target", "trained", "--ca_images", "6"]),
+    ("ca, trajectory", ["--method", "ca", "--ca_mode", "trajectory", "--loss_space", "x0"]),
     # ESD's current code: z_t from the frozen model, attn2's keys and values only (ESD-x-strict)
     ("esd, frozen sampler, strict", ["--method", "esd", "--sampler", "frozen", "--negative_guidance", "1",
                                      "--train_method", "xattn-strict"]),

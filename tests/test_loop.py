@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import erase
-from family import ddim, encode, load_model
+from family import ddim, encode, eps, load_model
 
 
 def watched(tiny_sd, vocab, tmp_path, *flags):
@@ -116,7 +116,7 @@ def test_concept_ablation_samples_and_targets_the_anchor(tiny_sd, vocab, tmp_pat
     """CA: z_t on the frozen model's trajectory for the anchor; the target is the anchor's
     prediction on that z_t (frozen model, or the trained one under no_grad: CA's code)."""
     calls, rec, m = watched(tiny_sd, vocab, tmp_path, "--method", "ca", "--ca_target", ca_target,
-                            "--seed", "3")
+                            "--seed", "3", "--ca_mode", "trajectory")
     c_n, c_e, c_anc = (encode(m, [p])[0] for p in ("", "garbage truck", "truck"))
     assert rec["anchor"] == "truck"  # the default: the category word
     *sampling, target, trained = calls
@@ -125,6 +125,47 @@ def test_concept_ablation_samples_and_targets_the_anchor(tiny_sd, vocab, tmp_pat
         assert frozen and not grad and torch.equal(cs[0], c_n) and torch.equal(cs[1], c_anc)
     assert target[0] == (ca_target == "frozen") and not target[2] and torch.equal(target[1][0], c_anc)
     assert not trained[0] and trained[2] and torch.equal(trained[1][0], c_e)
+
+
+@pytest.mark.parametrize("anchor", ["truck", "car"])
+def test_concept_ablation_as_its_code_trains(tiny_sd, tmp_path, anchor):
+    """CA (--ca_mode images): the anchor images are the original model's DDIM samples for c*;
+    update 0's losses by hand from its draws: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+    L1 = || eps_theta'(x_t, c_e) - eps_theta(x_t, c*) ||^2, and where c* overlaps c_e ("truck" in
+    "garbage truck", not "car") the prior term || eps_theta'(x_t', c*) - eps' ||^2; t ~ U{0..999}."""
+    import ca
+    argv = ["--model", tiny_sd, "--concept", "garbage truck", "--method", "ca", "--anchor", anchor, "--ca_images", "3",
+            "--ddim_steps", "4", "--steps", "1", "--seed", "3", "--device", "cpu", "--cache_dir", str(tmp_path / "c"),
+            "--out", str(tmp_path / "o")]
+    m = load_model(tiny_sd, vae=False)
+    args = erase.parse_args(argv)
+    C = erase.concepts(m, args)
+    A = ca.anchor_latents(m, args, C.anchor, C.n)
+    cfg = m.unet.config
+    z_T = torch.randn(3, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(3))
+    by_hand, _ = ddim(lambda z, t, c: eps(m, z, t, c), m.scheduler, z_T, C.anchor.expand(3, -1, -1),
+                      C.n.expand(3, -1, -1), 7.5, 4)
+    assert torch.allclose(A[0], by_hand, atol=1e-6)
+    erase.main(argv, m=load_model(tiny_sd, vae=False))
+    rec = json.loads(open(tmp_path / "o" / "log.jsonl").readline())
+    d = erase.draws(torch.Generator().manual_seed(3), args, 1, (1, *A.shape[2:]), 1000)
+    abar = m.scheduler.alphas_cumprod
+    x_t = ca.noised(A[0, d.ca.j:d.ca.j + 1], d.ca.t, d.ca.noise, abar)
+    assert x_t.shape == (1, *A.shape[2:]) and torch.allclose(x_t, abar[d.ca.t].sqrt() * A[0, d.ca.j] + (1 - abar[d.ca.t]).sqrt() * d.ca.noise)
+    with torch.no_grad():
+        l1 = (eps(m, x_t, d.ca.t, C.e) - eps(m, x_t, d.ca.t, C.anchor)).pow(2).mean()
+    assert rec["t"] == d.ca.t and abs(rec["l1"] - float(l1)) <= 1e-5 * float(l1)
+    if anchor == "car":
+        assert d.ca.prior is None and rec["l2"] == 0
+    else:
+        j, t_p, noise = d.ca.prior
+        x_p = ca.noised(A[0, j:j + 1], t_p, noise, abar)
+        with torch.no_grad():
+            l2 = (eps(m, x_p, t_p, C.anchor) - noise).pow(2).mean()
+        assert abs(rec["l2"] - float(l2)) <= 1e-5 * float(l2)
+    gen = torch.Generator().manual_seed(0)
+    ts = [ca.draw(gen, args, 0, (1, 4, 2, 2), 1000).t for _ in range(300)]
+    assert min(ts) < 20 and max(ts) > 980  # the whole range, not DDIM's grid or a band
 
 
 @pytest.mark.parametrize("l2_on", ["z_r", "z"])

@@ -87,7 +87,7 @@ def test_the_file_loads_into_diffusers_with_the_training_unets_outputs(tiny_kind
 @pytest.mark.parametrize("method,flags", [("eap", []), ("age", ["--tau", "0.1"]), ("fixed", ["--preserve", "road"]),
                                           ("pgd", ["--method", "eap", "--search", "pgd"]),
                                           ("esd", ["--train_method", "xattn-strict"]),
-                                          ("ca", ["--train_method", "noxattn"])])
+                                          ("ca", ["--train_method", "noxattn", "--ca_images", "4"])])
 def test_every_trained_method_writes_a_loadable_adapter(tiny_kind, vocab, tmp_path, kind, method, flags):
     """Every trained method on every family: an adapter on the modules --train_method names
     (xattn-strict: to_k and to_v; noxattn: Linear and Conv2d layers outside attn2) that loads and

@@ -46,6 +46,8 @@ def test_erase_commands(argv, kind, tiny_kind, tmp_path):
     named = vars(erase.parse_args(argv))  # what the README's command alone asks for
     if named["method"] == "uce":  # no loop: --steps and --ddim_steps mean nothing to it
         test_flags = [f for f in test_flags if f not in ("--steps", "2", "--ddim_steps", "3")]
+    if named["method"] == "ca":  # a few anchor images, not 200
+        test_flags += ["--ca_images", "4"]
     path = erase.main(argv + test_flags)
     config = json.load(open(tmp_path / "out" / "config.json"))
     for flag in (a[2:] for a in argv if a.startswith("--")):
