@@ -5,8 +5,15 @@ every erased model. tables.py turns the runs into the table, the verdict and the
 
     python benchmark.py --model toy --out out/toy                # 3 splits x 2 seeds x 7 methods
     python benchmark.py --model toy --out out/toy-attacks --attacks
+
+Started again with the same --out after a stop, it redoes no finished run (each run's result is
+kept in its folder) and refuses a folder whose run had other settings. Under torchrun (or
+accelerate launch) each process takes every WORLD_SIZE-th run, and rank 0 writes the table:
+
+    torchrun --standalone --nproc_per_node 2 benchmark.py --model toy --out out/toy --jobs 1
 """
 import argparse
+import datetime
 import json
 import multiprocessing
 import os
@@ -118,15 +125,61 @@ def reset(m, theta):
     m.unet.load_state_dict(theta)
 
 
+RESULT = "result.json"  # a finished run's numbers, in its folder (its images beside it: images.npy)
+
+
+def job_key(job):
+    """What a run's numbers depend on: erase.py's flags, the sampling, the attacks' settings."""
+    a = job["attack"]
+    return dict(argv=job["argv"], samples=job["samples"], sample_steps=job["sample_steps"], guidance=job["guidance"],
+                batch=job["batch"], images=job["images"], attack=a and dict(a["settings"], oracle=a["oracle"]))
+
+
+def finished_before(job):
+    """A run that an earlier, stopped benchmark finished: its result read back from its folder
+    (None: not run, or stopped before its end). One made with other settings is refused."""
+    path = os.path.join(job["out"], RESULT)
+    if not os.path.isfile(path):
+        return None
+    r = json.load(open(path))
+    r.pop("rank", None)  # which process ran it (torchrun)
+    if r.pop("job") != json.loads(json.dumps(job_key(job))):
+        raise UsageError(f"{job['out']} holds a run made with other settings: give another --out, or delete it")
+    if r["acc"] is None:  # an attack on the original model: nothing read
+        del r["acc"]
+    else:
+        r["acc"] = np.array(r["acc"])
+    r["images"] = np.load(os.path.join(job["out"], "images.npy")) if job["images"] else None
+    return r
+
+
+def keep(job, r):
+    """A finished run's result into its folder, so that a stopped benchmark started again skips it
+    (written last and atomically: a folder without it is a run to do again)."""
+    if job["images"]:
+        np.save(os.path.join(job["out"], "images.npy"), r["images"])
+    tmp = os.path.join(job["out"], RESULT + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(dict({k: v for k, v in r.items() if k != "images"}, acc=r["acc"].tolist() if "acc" in r else None,
+                       job=job_key(job), rank=int(os.environ.get("RANK", 0))), f)
+    if os.path.exists(os.path.join(job["out"], RESULT)):  # runs are never redone: two processes took it
+        raise RuntimeError(f"{job['out']}: this run was made twice")
+    os.replace(tmp, os.path.join(job["out"], RESULT))
+
+
 def erase_and_read(job):
     """One run: erase job's E with one method and seed through erase.py (its output in the run's
     folder, erase.log included), load the weights from the file it wrote, as any user would, and
-    read every concept. Runs in a worker process (or in this one with --jobs 1)."""
+    read every concept. Runs in a worker process (or in this one with --jobs 1). Its result is
+    kept in its folder (`keep`)."""
     tic = time.time()
     m, theta = _WORKER["m"], _WORKER["theta"]
     reset(m, theta)
     if job["method"] == "original":  # --attacks on the original model: nothing to erase or read
-        return dict(attacks=attack_concepts(job), seconds=round(time.time() - tic, 1))
+        os.makedirs(job["out"], exist_ok=True)
+        r = dict(attacks=attack_concepts(job), seconds=round(time.time() - tic, 1))
+        keep(job, r)
+        return r
     os.makedirs(job["out"], exist_ok=True)
     with open(os.path.join(job["out"], "erase.log"), "w") as f, redirect_stdout(f), redirect_stderr(f):
         weights = erase.main([*job["argv"], "--out", job["out"]], m=m)
@@ -139,8 +192,10 @@ def erase_and_read(job):
     log = os.path.join(job["out"], "log.jsonl")  # one line per update (uce: one line, no c_a)
     recs = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
     c_a = Counter(r.get("c_a") if r.get("anchor") is None else r["anchor"] for r in recs)  # ca: its anchor c*
-    return dict(acc=acc, images=imgs if job["images"] else None, erase_seconds=round(erase_seconds, 1), attacks=attacks,
-                seconds=round(time.time() - tic, 1), c_a_most_often=[w for w, _ in c_a.most_common(3) if w is not None])
+    r = dict(acc=acc, images=imgs if job["images"] else None, erase_seconds=round(erase_seconds, 1), attacks=attacks,
+             seconds=round(time.time() - tic, 1), c_a_most_often=[w for w, _ in c_a.most_common(3) if w is not None])
+    keep(job, r)
+    return r
 
 
 def attack_concepts(job):
@@ -160,9 +215,14 @@ def attack_concepts(job):
 def run_all(jobs, args, acc0):
     """Every run, --jobs at a time in worker processes started with "spawn" (fresh interpreters,
     --threads torch threads each), the longest first; with --jobs 1 in this process. Every run
-    starts from the original weights with its own seed, so where it ran changes no number."""
+    starts from the original weights with its own seed, so where it ran changes no number; a run
+    whose folder holds its result from an earlier, stopped benchmark is read, not run again."""
+    rank, world = ranks()
+    if world > 1:  # every rank sees the same folders before it picks its runs
+        torch.distributed.barrier()
     order = sorted(range(len(jobs)), key=lambda j: -COST[jobs[j]["method"]])
     done = {}
+    before = {j: r for j in order if (r := finished_before(jobs[j])) is not None}
 
     def finished(j, r):
         done[j] = r
@@ -172,6 +232,10 @@ def run_all(jobs, args, acc0):
               f"{json.dumps(read)}{', attacks ' + json.dumps(r['attacks']) if r['attacks'] else ''}, "
               f"erase {r.get('erase_seconds', 0):.0f} s, run {r['seconds']:.0f} s", flush=True)
 
+    for j, r in before.items():  # finished by an earlier run that was stopped: not redone
+        finished(j, r)
+    todo = [j for j in order if j not in before]
+    order = todo[rank::world]  # under torchrun: this rank's share, round robin, the longest first
     if args.jobs == 1:
         for j in order:
             finished(j, erase_and_read(jobs[j]))
@@ -184,7 +248,21 @@ def run_all(jobs, args, acc0):
                 finished(futures[f], f.result())
         finally:  # on an error: drop the runs not started, wait for those running
             pool.shutdown(wait=True, cancel_futures=True)
+    if world > 1:  # the other ranks' runs, from their folders
+        torch.distributed.barrier()
+        for j in todo:
+            if j not in done:
+                finished(j, finished_before(jobs[j]))
     return [done[j] for j in range(len(jobs))]
+
+
+def ranks():
+    """(rank, world size): torchrun's or accelerate launch's RANK and WORLD_SIZE, else (0, 1);
+    with several, the ranks join a gloo group (CPU or GPU: it only waits for the others)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return rank, world
 
 
 def benchmark(args):
@@ -212,7 +290,8 @@ def benchmark(args):
         raise UsageError(f"the original toy model reaches {acc0.mean():.1f}% < {args.min_accuracy}%: "
                          f"the world is too weak to say anything (retrain, or more --sample_steps)")
     attacking = attack_settings(args, splits) if args.attacks else None
-    jobs = [dict(split=i, E=split["E"], seed=args.seeds[0], method="original", attack=attacking, out=None)
+    jobs = [dict(split=i, E=split["E"], seed=args.seeds[0], method="original", attack=attacking, argv=[], images=False,
+                 out=os.path.join(args.out, f"split{i}_original"), **sampling)
             for i, split in enumerate(splits)] if args.attacks else []  # the check: the original model breaks
     for i, split in enumerate(splits):
         for seed in args.seeds:
@@ -245,6 +324,8 @@ def benchmark(args):
     if args.attacks:
         add_robustness(results, runs, attacked_original)
     results["seconds"] = round(time.time() - tic)
+    if ranks()[0] != 0:  # under torchrun, rank 0 writes the table and the pictures
+        return results
     table = markdown_table(results)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:

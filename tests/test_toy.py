@@ -176,6 +176,57 @@ def test_readme_benchmark_reduced_end_to_end(tmp_path):
         assert (out / f).stat().st_size > 0
 
 
+def test_a_stopped_benchmark_started_again_redoes_only_what_was_left(tmp_path, monkeypatch):
+    """Stopped after its first run, started again: the second start runs only the other one, and
+    the results equal an uninterrupted run's; a changed setting on the same --out is refused."""
+    argv = ["--model", "toy", "--samples", "1", "--sample_steps", "5", "--erase_steps", "2", "--ddim_steps", "2",
+            "--splits", "red circle, blue square", "--seeds", "0", "--jobs", "1", "--min_accuracy", "0",
+            "--methods", "esd,uce"]
+    whole = benchmark.main([*argv, "--out", str(tmp_path / "whole")])
+    real, calls = benchmark.erase_and_read, []
+
+    def counted(job, stop_after=None):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(job["method"])
+        return real(job)
+    monkeypatch.setattr(benchmark, "erase_and_read", lambda job: counted(job, stop_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main([*argv, "--out", str(tmp_path / "stopped")])
+    assert calls == ["esd"]  # the longest first
+    monkeypatch.setattr(benchmark, "erase_and_read", counted)
+    again = benchmark.main([*argv, "--out", str(tmp_path / "stopped")])
+    assert calls == ["esd", "uce"]  # esd was read from its folder
+    drop = ("seconds", "erase_seconds", "folder")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again["runs"]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in whole["runs"]]
+    with pytest.raises(sample.UsageError, match="other settings"):
+        benchmark.main([*argv, "--out", str(tmp_path / "stopped"), "--lr", "1e-3"])
+
+
+def test_two_processes_under_torchrun_split_the_runs_and_agree_with_one(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU): each run made once, by one of the two ranks,
+    and the table's runs equal one process's."""
+    import glob
+    import subprocess
+    import sys
+    argv = ["--model", "toy", "--samples", "1", "--sample_steps", "5", "--erase_steps", "2", "--ddim_steps", "2",
+            "--splits", "red circle, blue square", "--seeds", "0", "--jobs", "1", "--min_accuracy", "0",
+            "--methods", "esd,uce"]
+    one = benchmark.main([*argv, "--out", str(tmp_path / "one")])
+    root = os.path.dirname(os.path.abspath(benchmark.__file__))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "benchmark.py", *argv, "--out", str(tmp_path / "two")], cwd=root, capture_output=True,
+                       text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    made = [json.load(open(f))["rank"] for f in glob.glob(str(tmp_path / "two" / "*" / "*" / "result.json"))]
+    assert sorted(made) == [0, 1]  # two runs, one on each rank
+    two = json.load(open(tmp_path / "two" / "results.json"))
+    drop = ("seconds", "erase_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in two["runs"]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in one["runs"]]
+
+
 def hand_made_runs(esd, eap):
     """Runs of esd and eap on (split, seed) = (0, 0), (1, 0), (2, 0) with the given PSR-1s."""
     return [dict(method=name, split=i, seed=0, esr1=100.0 - i, psr1=p, drop_shared=10.0 * i,
