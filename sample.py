@@ -135,13 +135,16 @@ def lms(m, z, c, c_uncond, guidance, steps):
     return z
 
 
+GRID_PAD = 160  # the row labels' column
+
+
 def grid(rows, row_labels, title=None):
     """rows: list of lists of (H, W, 3) uint8 -> one PIL image, labels on the left. Images
     under 64 pixels (the toy world's 16) are enlarged, nearest neighbour, to be seen."""
     k = max(1, 64 // rows[0][0].shape[0])
     rows = [[np.kron(x, np.ones((k, k, 1), np.uint8)) for x in row] for row in rows]
     h, w = rows[0][0].shape[:2]
-    pad, top = 160, 24 if title else 0
+    pad, top = GRID_PAD, 24 if title else 0
     img = Image.new("RGB", (pad + w * len(rows[0]), top + h * len(rows)), "white")
     draw = ImageDraw.Draw(img)
     if title:

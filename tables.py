@@ -3,9 +3,10 @@
 none), mean ± std over runs, the verdict on EAP against ESD, the robustness table, the
 original-vs-methods grid and Fig. 1a's sensitivity bars."""
 import numpy as np
+from PIL import Image, ImageDraw
 
 import attack
-from sample import grid, side_by_side
+from sample import GRID_PAD, grid
 from toy import CONCEPTS, shares_word
 
 # Table 1's columns, one number per run (split of E, seed, method); the table gives mean ± std
@@ -117,12 +118,24 @@ def markdown_table(r):
 
 
 def picture(images, E, shared, unshared, cols, path):
-    """Original vs each method: rows the erased concepts, two sharing a word, two sharing none."""
-    rows = [CONCEPTS.index(e) for e in E] + shared[:2] + unshared[:2]
+    """Methods as rows (the original model first); as columns the erased concepts, two that share
+    a word with one of them and two that share none, the first two of `cols` (seeds) each, each
+    concept named above its pair and each group above its concepts: about 900 pixels wide."""
+    groups = [("erased", [CONCEPTS.index(e) for e in E]), ("shares a word", shared[:2]), ("shares none", unshared[:2])]
+    concepts, seeds = [i for _, g in groups for i in g], cols[:2]
     n = len(images["original"]) // 36
-    panels = [grid([[imgs[i * n + s] for s in cols] for i in rows], [CONCEPTS[i] for i in rows], name)
-              for name, imgs in images.items()]
-    side_by_side(panels).save(path)
+    body = grid([[imgs[i * n + s] for i in concepts for s in seeds] for imgs in images.values()], list(images))
+    w = (body.width - GRID_PAD) // len(concepts)  # one concept's pair of images
+    out = Image.new("RGB", (body.width, body.height + 34), "white")
+    draw, x = ImageDraw.Draw(out), GRID_PAD
+    for name, g in groups:
+        draw.text((x + 4, 4), name, fill="black")
+        draw.line([(x + 2, 16), (x + w * len(g) - 4, 16)], fill="gray")
+        for i in g:
+            draw.text((x + 4, 20), CONCEPTS[i], fill="black")
+            x += w
+    out.paste(body, (0, 34))
+    out.save(path)
 
 
 def spectrum(r, acc0, shared, unshared, path, title=None):

@@ -174,6 +174,9 @@ def test_readme_benchmark_reduced_end_to_end(tmp_path):
     assert r["verdict"]["pairs"] == 1 and r["verdict"]["text"] in open(out / "table.md").read()
     for f in ("grid.png", "sensitivity.png", "table.md"):
         assert (out / f).stat().st_size > 0
+    from PIL import Image
+    w, h = Image.open(out / "grid.png").size
+    assert w < 1000 and h > 8 * 64  # methods as rows (the original and 7), at a width a README shows
 
 
 def test_a_stopped_benchmark_started_again_redoes_only_what_was_left(tmp_path, monkeypatch):
