@@ -31,6 +31,16 @@ from tqdm import tqdm
 from family import ddim, eps
 
 
+def add_arguments(p):
+    """erase.py's flags for CA as its code trains."""
+    p.add_argument("--ca_mode", default="images", choices=["images", "trajectory"],
+                   help="ca: anchor images noised at t ~ U[0, T) (CA's code) or z_t on c*'s DDIM trajectory")
+    p.add_argument("--ca_images", type=int, default=200, help="ca: anchor images per anchor")
+    p.add_argument("--ca_guidance", type=float, default=7.5, help="ca: the anchor images' guidance")
+    p.add_argument("--ca_prior", default="auto", choices=["auto", "on", "off"],
+                   help="ca: the prior term (auto: where the anchor's words are among the concept's)")
+
+
 def images(args):
     """Whether this run is CA as its code trains (anchor images)."""
     return args.method == "ca" and args.ca_mode == "images"

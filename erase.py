@@ -74,12 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--ca_target", default="frozen", choices=["frozen", "trained"],
                    help="ca: the anchor's prediction from the frozen model (the objective CA derives) "
                         "or from the model being trained, under no_grad (CA's published code)")
-    p.add_argument("--ca_mode", default="images", choices=["images", "trajectory"],
-                   help="ca: anchor images noised at t ~ U[0, T) (CA's code) or z_t on c*'s DDIM trajectory")
-    p.add_argument("--ca_images", type=int, default=200, help="ca: anchor images per anchor")
-    p.add_argument("--ca_guidance", type=float, default=7.5, help="ca: the anchor images' guidance")
-    p.add_argument("--ca_prior", default="auto", choices=["auto", "on", "off"],
-                   help="ca: the prior term (auto: where the anchor's words are among the concept's)")
+    ca.add_arguments(p)  # --ca_mode, --ca_images, --ca_guidance, --ca_prior
     p.add_argument("--train_method", default=None, choices=TRAIN_METHODS,
                    help="default xattn; ca (images): xattn-strict, CA's attn2 to_k and to_v")
     # a LoRA adapter instead of the full parameters (lora.py): theta' = W + (alpha / r) B A
