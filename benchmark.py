@@ -11,12 +11,17 @@ kept in its folder) and refuses a folder whose run had other settings. Under tor
 accelerate launch) each process takes every WORLD_SIZE-th run, and rank 0 writes the table:
 
     torchrun --standalone --nproc_per_node 2 benchmark.py --model toy --out out/toy --jobs 1
+
+With --table, a paper's table on a diffusion model as its published protocol makes it
+(protocol.py, with its own flags: `python benchmark.py --table 1 --help`):
+
+    python benchmark.py --table 1 --model CompVis/stable-diffusion-v1-4 --out out/sd14 --dry_run
 """
 import argparse
-import datetime
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,11 +33,13 @@ import torch
 import attack
 import erase
 import lora
+import protocol
 import unlearndiffatk
 from cli import UsageError, one_line_errors, run_cli
 from family import empty, load_model
 from metrics import make_judge
 from oracle import ORACLE, load_oracle, recognise
+from runner import ranks
 from params import load_weights
 from sample import generate
 from tables import (add_robustness, aggregate, figures, markdown_table, mean_std, partition, picture,
@@ -256,15 +263,6 @@ def run_all(jobs, args, acc0):
     return [done[j] for j in range(len(jobs))]
 
 
-def ranks():
-    """(rank, world size): torchrun's or accelerate launch's RANK and WORLD_SIZE, else (0, 1);
-    with several, the ranks join a gloo group (CPU or GPU: it only waits for the others)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    return rank, world
-
-
 def benchmark(args):
     """Section 5.1 (erase |E| concepts at once; ESR-1 / PSR-1 with the oracle as ResNet-50) as
     Table 1 reports it, mean ± std over runs: every method on each split of E (--splits) with
@@ -360,7 +358,7 @@ def attack_settings(args, splits):
 def parse_args(argv=None):
     b = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     b.add_argument("--out", required=True)
-    b.add_argument("--model", default="toy")
+    b.add_argument("--model", default="toy", help="toy; for Stable Diffusion: --table (protocol.py's flags)")
     b.add_argument("--oracle", default=ORACLE)
     # splits of E: two concepts that share no word, every colour and shape erased in one split;
     # fixed_related's c_a is derived per split (related_concept: "blue circle" for the first)
@@ -407,6 +405,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--table" or a.startswith("--table=") for a in argv):  # a paper's table: protocol.py
+        return protocol.main(argv)
     args = parse_args(argv)
     print(json.dumps(vars(args)))
     os.makedirs(args.out, exist_ok=True)

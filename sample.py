@@ -235,7 +235,7 @@ def row_seed(row):
     return (int(row["seed"]), int(row["sample"])) if row.get("sample") not in (None, "") else int(row["seed"])
 
 
-def generate_csv(m, args, rows):
+def generate_csv(m, args, rows, on_images=None):
     """Section 5's generation: one PNG per CSV row (DIR/{row:05d}.png), 100 steps of
     args.scheduler, guidance 7.5 unless the row says otherwise. Resumable: rows whose PNG exists
     are skipped (check_settings has refused other settings), and a PNG is written under a
@@ -262,11 +262,13 @@ def generate_csv(m, args, rows):
                 path = os.path.join(args.out_dir, f"{i:05d}.png")
                 Image.fromarray(x).save(path + ".tmp.png")
                 os.replace(path + ".tmp.png", path)
+            if on_images:  # benchmark.py --table's progress bar
+                on_images(len(idx))
     print(json.dumps({"wrote": args.out_dir, "rows": len(rows), "generated": len(todo), "rank": rank,
                       "scheduler": args.scheduler}))
 
 
-def main(argv=None):
+def main(argv=None, on_images=None):
     args = parse_args(argv)
     if args.csv:
         rows = read_csv(args.csv, need=("prompt", "seed"))  # refuse a bad file before loading the model
@@ -277,7 +279,7 @@ def main(argv=None):
         if args.weights:
             load_weights(m, args.weights)
         set_precision(m, args.precision)
-        return generate_csv(m, args, rows)
+        return generate_csv(m, args, rows, on_images)
     args.steps = args.steps or 50
     prompts = [p.strip() for p in args.prompts.split(",")]
     if not all(prompts):
