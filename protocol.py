@@ -330,7 +330,7 @@ def parse_args(argv=None):
     """benchmark.py --table's flags (the toy world's are benchmark.py's own)."""
     import argparse
     from cli import one_line_errors
-    g = one_line_errors(argparse.ArgumentParser(prog="benchmark.py --table", description=__doc__.split("\n")[0]))
+    g = one_line_errors(argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n")[0]))
     g.add_argument("--table", required=True, choices=TABLES, help="the published protocol's runs of this table")
     g.add_argument("--model", required=True, help="hub id or diffusers folder (any supported family)")
     g.add_argument("--out", required=True, help="every stage's output; tables run into one --out share stages")

@@ -93,7 +93,8 @@ def record(args, s):
     path = os.path.join(args.out, "stages", s["name"] + ".json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(dict(argv=s["argv"], script=s["script"], finished=time.strftime("%Y-%m-%d %H:%M:%S")), f)
+        json.dump(dict(argv=s["argv"], script=s["script"], rank=int(os.environ.get("RANK", 0)),
+                       finished=time.strftime("%Y-%m-%d %H:%M:%S")), f)
     os.replace(path + ".tmp", path)
 
 
