@@ -281,17 +281,16 @@ def test_bad_json_name(tmp_path):
 
 # ---------------------------------------------------------------------------- the README
 def readme_attack_commands():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, "README.md")).read()
-    text = text[text.index("\n## Robustness"):]
-    text = text[:text.index("\n## ", 1)].replace("\\\n", " ")
+    """The commands of the Robustness page (docs/robustness.md), its subsections included."""
+    from test_readme import section
+    text = section("Robustness").replace("\\\n", " ")
     import shlex
     return [shlex.split(line, comments=True)[1:] for line in text.splitlines() if line.startswith("python ")]
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2-v", "sdxl"])
 def test_readme_attack_commands(tiny_kind, tmp_path, kind):
-    """Every attack.py command of the Robustness section, reduced (1 timestep, 1 step, 2
+    """Every attack.py command of the Robustness page, reduced (1 timestep, 1 step, 2
     inversion steps, 2 DDIM steps, one prompt): on the toy model (weights erased by 2 esd steps)
     or on a tiny random model of each family in SD-1.4's place (weights from erase.py, a one-row
     prompt CSV, ResNet-50's random twin for resnet50; NudeNet as shipped)."""

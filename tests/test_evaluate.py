@@ -1,5 +1,5 @@
 """evaluate.py: each metric's arithmetic on a case with a known answer; every subcommand end to
-end on small folders with random-weight networks (offline); every README command; bad input."""
+end on small folders with random-weight networks (offline); every command of docs/evaluation.md; bad input."""
 import csv
 import json
 import os
@@ -411,9 +411,8 @@ SMALL = {"prompts": ["--seeds", "1"], "esr-psr": ["--classifier", "random"],
 
 
 def readme_commands():
-    text = open(os.path.join(ROOT, "README.md")).read()
-    text = text[text.index("\n## Evaluation"):]
-    text = text[:text.index("\n## ", 1)]  # the Evaluation section alone
+    from test_readme import section
+    text = section("Evaluation")  # the Evaluation page (docs/evaluation.md) alone
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     return [shlex.split(line) for b in blocks for line in b.replace("\\\n", " ").splitlines()
             if line.startswith(("python sample.py ", "python evaluate.py ", "python sensitivity.py "))]  # erase.py's: test_readme
@@ -436,7 +435,7 @@ def tiny32(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2-v", "sdxl"])
 def test_readme_commands(tmp_path, monkeypatch, tiny32, kind):
-    """Every sample.py and evaluate.py command of the Evaluation section, on a tiny model of each
+    """Every sample.py and evaluate.py command of the Evaluation page, on a tiny model of each
     family in SD-1.4's place (the same commands with --model FOLDER)."""
     tiny_sd32 = tiny32(kind)
     cmds = readme_commands()

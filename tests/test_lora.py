@@ -207,17 +207,15 @@ def test_adapters_and_full_deltas_in_the_wrong_place(tiny_kind, vocab, tmp_path)
 
 
 def test_readme_lora_commands(tiny_sd, tmp_path, monkeypatch):
-    """The LoRA section's commands, reduced: erase.py into an adapter (diffusers', kohya's) on the
+    """The LoRA page's commands (docs/lora.md), reduced: erase.py into an adapter (diffusers', kohya's) on the
     tiny model, export.py from a full delta and to kohya's format, the toy benchmark at a rank
     (one split and seed, two updates), and the diffusers line."""
     import re
     import shlex
     import benchmark
     from diffusers import StableDiffusionPipeline
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, "README.md")).read()
-    text = text[text.index("\n## LoRA adapters"):]
-    text = text[:text.index("\n## ", 1)]
+    from test_readme import section
+    text = section("LoRA adapters")
     cmds = [shlex.split(line, comments=True)[1:] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
             for line in block.splitlines() if line.startswith("python ")]
     assert {c[0] for c in cmds} == {"erase.py", "export.py", "benchmark.py"}

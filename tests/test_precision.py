@@ -32,7 +32,7 @@ def test_bf16_sampling_keeps_l2_within_5_percent_of_fp32(tmp_path, monkeypatch):
     assert [r["c_a"] for r in fp32] == [r["c_a"] for r in bf16]  # the same draws
     assert fp32[0]["l2"] == bf16[0]["l2"] == 0  # theta' = theta at the first update
     ratios = [b["l2"] / a["l2"] for a, b in zip(fp32[1:], bf16[1:])]
-    # measured: at most 3.7% at any update (README); losses under bf16 autocast: 10x to 563x
+    # measured: at most 3.7% at any update (docs/fidelity.md); losses under bf16 autocast: 10x to 563x
     assert max(abs(r - 1) for r in ratios) <= 0.05, max(ratios, key=lambda r: abs(r - 1))
 
 

@@ -1,7 +1,10 @@
-"""Every erase.py, sample.py (grid), offline.py and bench.py command in the README runs here,
-on a tiny random model, CPU, a few steps (flags appended last override the README's). Those
-with `--model toy` run in tests/test_toy.py, on the toy model."""
+"""Every erase.py, sample.py (grid), offline.py and bench.py command in the README and docs/*.md
+runs here, on a tiny random model, CPU, a few steps (flags appended last override the README's).
+Those with `--model toy` run in tests/test_toy.py, on the toy model. The other test files take
+their sections of the documentation from `section` here."""
+import glob
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -15,8 +18,35 @@ import sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pages():
+    """README.md, then each docs/*.md in name order."""
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def documentation():
+    """The whole documentation as one text: README.md followed by each docs/*.md (sorted)."""
+    return "\n".join(open(p).read() for p in pages())
+
+
+def section(heading):
+    """Every part of the documentation under `heading`, in pages() order, joined: a docs page
+    titled `# heading...`, whole (its `## ` subsections included), and in any page the text from
+    `## heading...` to the next `## ` heading."""
+    parts = []
+    for path in pages():
+        text = open(path).read()
+        if text.startswith(f"# {heading}"):
+            parts.append(text)
+        elif f"\n## {heading}" in text:
+            text = text[text.index(f"\n## {heading}"):]
+            end = text.find("\n## ", 1)
+            parts.append(text if end < 0 else text[:end])
+    assert parts, f"no section {heading!r} in README.md or docs/"
+    return "\n".join(parts)
+
+
 def readme_commands(script):
-    text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
+    text = documentation().replace("\\\n", " ")
     return [shlex.split(line.strip(), comments=True)[2:] for line in text.splitlines()
             if line.strip().startswith(f"python {script} ") and "--model toy" not in line]
 
@@ -136,6 +166,7 @@ def test_setup_is_two_commands_and_requirements_cover_every_import():
     files = [f for f in os.listdir(ROOT) if f.endswith(".py")]
     files += [os.path.join("tests", f) for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")]
     ours = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")} | {"tests", "conftest"}
+    ours |= {f[:-3] for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")}  # test_readme's section
     modules = set()
     for f in files:
         for node in ast.walk(ast.parse(open(os.path.join(ROOT, f)).read())):
@@ -157,7 +188,7 @@ def test_setup_is_two_commands_and_requirements_cover_every_import():
 def test_the_diffusers_snippet(kind, tiny_kind, tmp_path):
     """The README's Python snippet (the SDXL line for SDXL), on a tiny model and the CPU: the
     erased weights load into diffusers' own pipeline and it draws."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = documentation()
     code = text.split("## Use the result in diffusers", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     if kind == "sdxl":
         code = "\n".join(line.replace("# SDXL: ", "") if line.startswith("# SDXL: ") else line

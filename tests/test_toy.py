@@ -1,6 +1,6 @@
 """The toy world (toy.py): its pictures, its oracle, its model, and a reduced benchmark run end
-to end through erase.py on the committed toy model. Every command of the README's toy section
-runs here, reduced."""
+to end through erase.py on the committed toy model. Every command of the toy world's
+documentation (the README's toy section and docs/toy.md) runs here, reduced."""
 import csv
 import json
 import os
@@ -81,10 +81,10 @@ def test_committed_model_draws_what_it_is_asked():
 
 
 def readme_toy_commands():
-    """The commands of the README's toy section, paths under out/ and prompts/ kept relative."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    text = text[text.index("\n## A toy world"):]
-    text = text[:text.index("\n## ", 1)]
+    """The commands of the README's toy section and docs/toy.md, paths under out/ and prompts/
+    kept relative."""
+    from test_readme import section
+    text = section("A toy world")
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     return [shlex.split(line, comments=True)[1:] for b in blocks
             for line in b.replace("\\\n", " ").splitlines() if line.startswith("python ")]
