@@ -203,3 +203,29 @@ def test_the_diffusers_snippet(kind, tiny_kind, tmp_path):
          scope)
     assert type(scope["pipe"]).__name__ == ("StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline")
     assert scope["image"].size == (16, 16)
+
+
+def slug(heading):
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_is_short_and_every_link_resolves():
+    """README.md stays at most 250 lines (the rest lives in docs/), and every relative link in
+    README.md and docs/*.md (images too) names an existing file, and a heading of it after `#`."""
+    assert len(open(os.path.join(ROOT, "README.md")).read().splitlines()) <= 250
+    checked = 0
+    for path in pages():
+        prose = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)  # links in code are code
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            file, _, anchor = target.partition("#")
+            file = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            assert os.path.isfile(file), (os.path.relpath(path, ROOT), target)
+            if anchor:
+                text = re.sub(r"```.*?```", "", open(file).read(), flags=re.S)
+                headings = {slug(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
+                assert anchor in headings, (os.path.relpath(path, ROOT), target)
+            checked += 1
+    assert checked >= 20  # the README links every docs page, and each page the README
