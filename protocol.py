@@ -25,6 +25,7 @@ import evaluate
 from cli import UsageError
 from prompts import ARTISTS, DATA, IMAGENETTE_SPLITS
 from runner import execute, ranks, recorded, todo
+from tables import markdown, results, slug, table_picture
 
 TABLES = ("1", "2", "4", "fig1", "attacks")
 KINDS = ("prompts", "erase", "sample", "score", "attack")  # a stage runs one of these
@@ -63,8 +64,6 @@ ERASURES = {
                  eap=lambda C: EAP),
 }
 ERASURES["attacks"] = {m: ERASURES["2"][m] for m in ("esd", "uce", "ca", "eap")}
-# UnlearnDiffAtk's table (ECCV 2024), nudity, 142 prompts: ASR pre / post attack in %
-PAPER_ATTACKS = {"ESD": (20.42, 76.05), "UCE": (21.83, 79.58)}
 # counted, not measured (docs/speed.md): 3 s per 512 px image at 100 guided steps (200 UNet
 # forwards) in fp32 on an H100, so 15 ms a forward; forwards per update as bench.py counts them at
 # 50 DDIM steps (mean t_enc 25) with the backward as two forwards of the trained batch
@@ -74,10 +73,6 @@ FORWARDS_PER_UPDATE = dict(esd=2 * 25 + 3 + 2, fixed=2 * 25 + 4 + 4, fixed_empty
 # attack.py, per prompt: UnlearnDiffAtk 40 Adam steps x 50 timesteps (forward and backward, 3
 # forwards each) and its images; Ring-A-Bell and the inversion: about one image and 1000 x 4 steps
 ATTACK_FORWARDS = dict(unlearndiffatk=40 * 50 * 3 + 200, ringabell=300, inversion=12000 + 200)
-
-
-def slug(text):
-    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")
 
 
 class Plan:
@@ -172,7 +167,7 @@ def fig1_rows(args):
 def plan(args):
     """The stages of args.table with args.methods: what --dry_run prints and the run runs."""
     p, t = Plan(args), args.table
-    methods = args.methods or list(ERASURES[t])
+    methods = args.methods
     unknown = [m for m in methods if m not in ERASURES[t]]
     if unknown:
         raise UsageError(f"--methods: table {t} compares {', '.join(ERASURES[t])}; not {unknown[0]}")
@@ -237,94 +232,6 @@ def plan(args):
     return p.stages
 
 
-# ---------------------------------------------------------------------------- the table
-def ms(d):
-    """evaluate.py's {mean, std} (or a number) as text."""
-    return "" if d is None else f"{d['mean']:.2f} ± {d['std']:.2f}" if isinstance(d, dict) else f"{d:.2f}"
-
-
-def read(args, table, name):
-    path = os.path.join(args.out, "scores", table, f"{name}.json")
-    return json.load(open(path)) if os.path.isfile(path) else None
-
-
-def paper(table, model):
-    """The paper's row for one of our models (Table 2's ESD is its ESD-u)."""
-    key = {"sd": "SD", "esd": "ESD-u" if table == "2" else "ESD"}.get(model, model.upper())
-    if table == "2" and key in evaluate.PAPER_TABLE2:  # with the FID column
-        return evaluate.PAPER_TABLE2[key] + evaluate.PAPER_FID.get(key.replace("-u", ""), ())
-    return {"1": evaluate.PAPER_TABLE1, "2": evaluate.PAPER_TABLE2, "4": evaluate.PAPER_TABLE4,
-            "attacks": PAPER_ATTACKS}.get(table, {}).get(key)
-
-
-def results(args, stages):
-    """Our numbers per model (mean ± std over splits or artists) with the paper's beside them."""
-    t, methods = args.table, args.methods or list(ERASURES[args.table])
-    rows = {}
-    if t == "1":
-        for m in ["sd", *methods]:
-            r = read(args, "1", m)
-            rows[m] = dict(ours={k: r[k] for k in ("ESR-1", "ESR-5", "PSR-1", "PSR-5")} if r else None,
-                           splits=args.splits)
-    elif t == "2":
-        for m in ["sd", *methods]:
-            r, f = read(args, "2", m), read(args, "2", f"{m}-fid")
-            ours = {k: r[k] for k in r if k.startswith("NER-")} if r else None
-            if ours is not None and f:
-                ours["FID"] = f["fid"]
-            rows[m] = dict(ours=ours)
-    elif t == "4":
-        import numpy as np
-        for m in methods:
-            per = [(read(args, "4", f"{m}-{slug(a)}-clip"), read(args, "4", f"{m}-{slug(a)}-lpips")) for a in args.artists]
-            if any(c is None or lp is None for c, lp in per):
-                rows[m] = dict(ours=None)
-                continue
-            cols = {"erase CLIP": [c["groups"]["erase"]["mean"] for c, _ in per],
-                    "erase LPIPS": [lp["groups"]["erase"]["mean"] for _, lp in per],
-                    "retain CLIP": [c["groups"]["retain"]["mean"] for c, _ in per],
-                    "retain LPIPS": [lp["groups"]["retain"]["mean"] for _, lp in per]}
-            rows[m] = dict(ours={k: dict(mean=float(np.mean(v)), std=float(np.std(v))) for k, v in cols.items()},
-                           artists=args.artists)
-    elif t == "fig1":
-        for name in [s["name"].split("/")[-1] for s in stages if s["name"].startswith("scores/fig1/")]:
-            r = read(args, "fig1", name)
-            rows[name] = dict(ours=r and dict(most_sensitive=list(r["delta"])[:5], delta=r["delta"]))
-    else:
-        for m in ["sd", *methods]:
-            for kind in ("unlearndiffatk", "ringabell", "inversion"):
-                path = os.path.join(args.out, "attacks", f"{m}-{kind}.json")
-                if os.path.isfile(path):
-                    r = json.load(open(path))
-                    rows[f"{m}-{kind}"] = dict(ours=dict(ASR_pre=r["asr_pre"], ASR_post=r["asr_post"]), prompts=r["prompts"])
-    for m, r in rows.items():
-        r["paper"] = paper(t, m.split("-")[0]) if t != "attacks" or m.endswith("unlearndiffatk") else None
-    return rows
-
-
-HEADERS = {"1": ["ESR-1", "ESR-5", "PSR-1", "PSR-5"], "2": ["NER-0.3", "NER-0.5", "NER-0.7", "NER-0.8", "FID"],
-           "4": ["erase CLIP", "erase LPIPS", "retain CLIP", "retain LPIPS"], "attacks": ["ASR_pre", "ASR_post"]}
-
-
-def markdown(args, rows):
-    """table.md: per model our numbers and, in the next row, the paper's."""
-    t = args.table
-    if t == "fig1":
-        lines = ["| erased model | the 5 concepts most changed (delta, CLIP score) |", "|---|---|"]
-        lines += [f"| {m} | {', '.join(f'{c} {d:.2f}' for c, d in list(r['ours']['delta'].items())[:5])} |"
-                  for m, r in rows.items() if r["ours"]]
-        return "\n".join(lines) + "\n\npaper (Fig. 1a): erasing \"nudity\" changes \"women\", \"men\", \"person\" most.\n"
-    keys = HEADERS[t]
-    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for m, r in rows.items():
-        ours = r["ours"] or {}
-        lines.append(f"| {m}, ours | " + " | ".join(ms(ours.get(k)) for k in keys) + " |")
-        if r["paper"]:
-            lines.append(f"| {m}, paper | " + " | ".join(str(v) for v in r["paper"]) + " |"
-                         + " |" * (len(keys) - len(r["paper"])))
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------------------- the command line
 def parse_args(argv=None):
     """benchmark.py --table's flags (the toy world's are benchmark.py's own)."""
@@ -361,7 +268,7 @@ def parse_args(argv=None):
 
 def check(args):
     """--table's flags, checked before anything runs."""
-    args.methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    args.methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(ERASURES[args.table])
     args.splits = [s.strip() for s in args.splits.split(",")]
     bad = [s for s in args.splits if s not in IMAGENETTE_SPLITS]
     if bad:
@@ -431,6 +338,7 @@ def main(argv=None):
     if rank != 0 or (args.max_stages is not None and todo(args, stages)):
         return dict(stages=stages, ran=ran)
     rows = results(args, stages)
+    table_picture(args, stages)
     table = markdown(args, rows)
     print(table)
     with open(os.path.join(args.out, f"table{args.table}.md"), "w") as f:

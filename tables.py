@@ -1,11 +1,17 @@
 """The toy benchmark's numbers and pictures (benchmark.py runs it): Table 1's columns per run
 (ESR-1, PSR-1, the accuracy drop on concepts that share a word with E and on those that share
 none), mean ± std over runs, the verdict on EAP against ESD, the robustness table, the
-original-vs-methods grid and Fig. 1a's sensitivity bars."""
+original-vs-methods grid and Fig. 1a's sensitivity bars. And a paper's table on a diffusion
+model (benchmark.py --table, protocol.py): its rows from the scores' JSON files, table.md with
+the paper's rows, a grid of the images."""
+import json
+import os
+
 import numpy as np
 from PIL import Image, ImageDraw
 
 import attack
+import evaluate
 from sample import GRID_PAD, grid
 from toy import CONCEPTS, shares_word
 
@@ -162,3 +168,121 @@ def spectrum(r, acc0, shared, unshared, path, title=None):
                      fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- a paper's table (protocol.py)
+# UnlearnDiffAtk's table (ECCV 2024), nudity, 142 prompts: ASR pre / post attack in %
+PAPER_ATTACKS = {"ESD": (20.42, 76.05), "UCE": (21.83, 79.58)}
+
+
+def slug(text):
+    """A name for a folder: "Ajin: Demi Human" -> "ajin__demi_human"."""
+    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")
+
+
+def pm(d):
+    """evaluate.py's {mean, std} (or a number) as text."""
+    return "" if d is None else f"{d['mean']:.2f} ± {d['std']:.2f}" if isinstance(d, dict) else f"{d:.2f}"
+
+
+def read(args, table, name):
+    path = os.path.join(args.out, "scores", table, f"{name}.json")
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def paper(table, model):
+    """The paper's row for one of our models (Table 2's ESD is its ESD-u)."""
+    key = {"sd": "SD", "esd": "ESD-u" if table == "2" else "ESD"}.get(model, model.upper())
+    if table == "2" and key in evaluate.PAPER_TABLE2:  # with the FID column
+        return evaluate.PAPER_TABLE2[key] + evaluate.PAPER_FID.get(key.replace("-u", ""), ())
+    return {"1": evaluate.PAPER_TABLE1, "2": evaluate.PAPER_TABLE2, "4": evaluate.PAPER_TABLE4,
+            "attacks": PAPER_ATTACKS}.get(table, {}).get(key)
+
+
+def results(args, stages):
+    """Our numbers per model (mean ± std over splits or artists) with the paper's beside them."""
+    t, methods = args.table, args.methods
+    rows = {}
+    if t == "1":
+        for m in ["sd", *methods]:
+            r = read(args, "1", m)
+            rows[m] = dict(ours={k: r[k] for k in ("ESR-1", "ESR-5", "PSR-1", "PSR-5")} if r else None,
+                           splits=args.splits)
+    elif t == "2":
+        for m in ["sd", *methods]:
+            r, f = read(args, "2", m), read(args, "2", f"{m}-fid")
+            ours = {k: r[k] for k in r if k.startswith("NER-")} if r else None
+            if ours is not None and f:
+                ours["FID"] = f["fid"]
+            rows[m] = dict(ours=ours)
+    elif t == "4":
+        for m in methods:
+            per = [(read(args, "4", f"{m}-{slug(a)}-clip"), read(args, "4", f"{m}-{slug(a)}-lpips")) for a in args.artists]
+            if any(c is None or lp is None for c, lp in per):
+                rows[m] = dict(ours=None)
+                continue
+            cols = {"erase CLIP": [c["groups"]["erase"]["mean"] for c, _ in per],
+                    "erase LPIPS": [lp["groups"]["erase"]["mean"] for _, lp in per],
+                    "retain CLIP": [c["groups"]["retain"]["mean"] for c, _ in per],
+                    "retain LPIPS": [lp["groups"]["retain"]["mean"] for _, lp in per]}
+            rows[m] = dict(ours={k: dict(mean=float(np.mean(v)), std=float(np.std(v))) for k, v in cols.items()},
+                           artists=args.artists)
+    elif t == "fig1":
+        for name in [s["name"].split("/")[-1] for s in stages if s["name"].startswith("scores/fig1/")]:
+            r = read(args, "fig1", name)
+            rows[name] = dict(ours=r and dict(most_sensitive=list(r["delta"])[:5], delta=r["delta"]))
+    else:
+        for m in ["sd", *methods]:
+            for kind in ("unlearndiffatk", "ringabell", "inversion"):
+                path = os.path.join(args.out, "attacks", f"{m}-{kind}.json")
+                if os.path.isfile(path):
+                    r = json.load(open(path))
+                    rows[f"{m}-{kind}"] = dict(ours=dict(ASR_pre=r["asr_pre"], ASR_post=r["asr_post"]), prompts=r["prompts"])
+    for m, r in rows.items():
+        r["paper"] = paper(t, m.split("-")[0]) if t != "attacks" or m.endswith("unlearndiffatk") else None
+    return rows
+
+
+HEADERS = {"1": ["ESR-1", "ESR-5", "PSR-1", "PSR-5"], "2": ["NER-0.3", "NER-0.5", "NER-0.7", "NER-0.8", "FID"],
+           "4": ["erase CLIP", "erase LPIPS", "retain CLIP", "retain LPIPS"], "attacks": ["ASR_pre", "ASR_post"]}
+
+
+def markdown(args, rows):
+    """table.md: per model our numbers and, in the next row, the paper's."""
+    t = args.table
+    if t == "fig1":
+        lines = ["| erased model | the 5 concepts most changed (delta, CLIP score) |", "|---|---|"]
+        lines += [f"| {m} | {', '.join(f'{c} {d:.2f}' for c, d in list(r['ours']['delta'].items())[:5])} |"
+                  for m, r in rows.items() if r["ours"]]
+        return "\n".join(lines) + "\n\npaper (Fig. 1a): erasing \"nudity\" changes \"women\", \"men\", \"person\" most.\n"
+    keys = HEADERS[t]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for m, r in rows.items():
+        ours = r["ours"] or {}
+        lines.append(f"| {m}, ours | " + " | ".join(pm(ours.get(k)) for k in keys) + " |")
+        if r["paper"]:
+            lines.append(f"| {m}, paper | " + " | ".join(str(v) for v in r["paper"]) + " |"
+                         + " |" * (len(keys) - len(r["paper"])))
+    return "\n".join(lines) + "\n"
+
+
+def table_picture(args, stages):
+    """OUT/tableN.png for Tables 1, 4 and Fig. 1: a row per model (the original, then each method
+    on the first split or artist), a column per class, artist or concept (its first row), 128 px."""
+    key, name = {"1": ("class", "imagenette"), "4": ("artist", "artists"), "fig1": ("concept", "fig1")}.get(
+        args.table, (None, None))
+    first = {"1": args.splits[0], "4": slug(args.artists[0]), "fig1": "garbage_truck"}.get(args.table)
+    folders = [s["argv"][s["argv"].index("--out_dir") + 1] for s in stages if s["kind"] == "sample"
+               and s["name"].startswith(f"images/{name}/") and s["name"].split("/")[-1].split("-")[0] in ("sd", first)]
+    if not key or not all(os.path.isfile(os.path.join(f, "prompts.csv")) for f in folders):
+        return None
+    rows = evaluate.read_csv(os.path.join(folders[0], "prompts.csv"))
+    cols = {}
+    for i, r in enumerate(rows):
+        cols.setdefault(r[key], i)
+    cols = dict(list(cols.items())[:10])
+    small = lambda f, i: np.array(Image.open(os.path.join(f, f"{i:05d}.png")).convert("RGB").resize((128, 128)))
+    path = os.path.join(args.out, f"table{args.table}.png")
+    grid([[small(f, i) for i in cols.values()] for f in folders], [os.path.basename(f) for f in folders],
+         "columns: " + ", ".join(cols)).save(path)
+    return path

@@ -212,5 +212,6 @@ def test_the_documented_table_commands(argv, tiny32, tmp_path, monkeypatch):
     md = open(f"out/sd14/table{table}.md").read()
     assert res["rows"] and all(r["ours"] for r in res["rows"].values()), res["rows"]
     assert all(m in md for m in res["rows"])
+    assert os.path.isfile(f"out/sd14/table{table}.png") == (table in ("1", "4", "fig1"))  # the grid
     if table == "2":
         assert "FID" in res["rows"]["esd"]["ours"]
