@@ -1,6 +1,6 @@
 """The paper's tables on a diffusion model, one command each (benchmark.py --table), as the
 published protocol makes them (docs/evaluation.md): erase each method's concepts -> generate the
-table's prompts -> score them -> table.md and results.json with the paper's numbers beside ours.
+table's prompts -> score them -> tableN.md and tableN.json with the paper's numbers beside ours.
 Every stage is one call of erase.py, sample.py, evaluate.py or attack.py with the flags that
 --dry_run prints as commands, with the GPU-hours the plan will take.
 
@@ -68,15 +68,16 @@ ERASURES["attacks"] = {m: ERASURES["2"][m] for m in ("esd", "uce", "ca", "eap")}
 # forwards) in fp32 on an H100, so 15 ms a forward; forwards per update as bench.py counts them at
 # 50 DDIM steps (mean t_enc 25) with the backward as two forwards of the trained batch
 SECONDS_PER_FORWARD = 3.0 / 200
-FORWARDS_PER_UPDATE = dict(esd=2 * 25 + 3 + 2, fixed=2 * 25 + 4 + 4, fixed_empty=58, fixed_lexus=58,
-                           fixed_road=58, eap=4 * 25 + 8 + 6, age=4 * 25 + 8 + 6, ca=3 + 2, uce=0)
+FORWARDS_PER_UPDATE = dict(esd=2 * 25 + 3 + 2, fixed=2 * 25 + 4 + 4, eap=4 * 25 + 8 + 6, age=4 * 25 + 8 + 6,
+                           ca=3 + 2, uce=0)
 # attack.py, per prompt: UnlearnDiffAtk 40 Adam steps x 50 timesteps (forward and backward, 3
 # forwards each) and its images; Ring-A-Bell and the inversion: about one image and 1000 x 4 steps
 ATTACK_FORWARDS = dict(unlearndiffatk=40 * 50 * 3 + 200, ringabell=300, inversion=12000 + 200)
 
 
 class Plan:
-    """The stages of one table, in order: (kind, name, script, argv, images, updates)."""
+    """The stages of one table in the order of their inputs, each a dict: kind (KINDS), name (its
+    record's and log's), script and argv, the images it makes, its counted seconds."""
 
     def __init__(self, args):
         self.args, self.stages = args, []
