@@ -9,6 +9,8 @@ import pytest
 
 import erase
 import protocol
+import runner
+import sample
 from cli import UsageError
 from test_readme import readme_commands
 
@@ -133,9 +135,10 @@ TINY = ["--seeds", "1", "--steps", "2", "--judges", "random", "--device", "cpu",
         "--erase_flags", "--steps 1 --ddim_steps 2 --ca_images 2"]
 
 
-def test_a_stopped_table_does_what_was_left_and_two_processes_agree(tiny_sd, tmp_path):
-    """Stopped after 3 stages and started again, it runs the 9 left and its table equals an
-    uninterrupted run's; so does the table of two processes under torchrun (gloo, CPU), each
+def test_a_stopped_table_does_what_was_left_and_two_processes_agree(tiny_sd, tmp_path, monkeypatch):
+    """Stopped after 3 stages, then killed in the middle of the 4th (a generation, after 8 of its
+    10 images), and started again, it runs the 9 stages left, makes the 2 images left, and its
+    table equals an uninterrupted run's; so does the table of two processes under torchrun (gloo, CPU), each
     erasure made by one rank and each generation's rows by both. A changed --steps is refused,
     and with --redo sample makes the images again and the scores that read them, not the
     prompts or the erasures."""
@@ -146,10 +149,24 @@ def test_a_stopped_table_does_what_was_left_and_two_processes_agree(tiny_sd, tmp
     whole = protocol.main([*argv, "--out", str(tmp_path / "a")])
     assert whole["ran"] == len(whole["stages"]) == 12
     out = str(tmp_path / "b")
-    assert protocol.main([*argv, "--out", out, "--max_stages", "3"])["ran"] == 3
+    assert protocol.main([*argv, "--out", out, "--max_stages", "3"])["ran"] == 3  # the prompts, 2 erasures
     assert not os.path.exists(os.path.join(out, "table1.json"))
+    made = []
+
+    def killed(argv, on_images):  # the next stage, the original model's images, killed after its first batch
+        def count(n):
+            on_images(n)
+            made.append(n)
+            raise KeyboardInterrupt
+        return sample.main(argv, count)
+    monkeypatch.setitem(runner.MAINS, "sample.py", killed)
+    with pytest.raises(KeyboardInterrupt):
+        protocol.main([*argv, "--out", out])
+    monkeypatch.undo()
+    assert made == [8] and len(glob.glob(os.path.join(out, "images", "imagenette", "sd", "*.png"))) == 8
     again = protocol.main([*argv, "--out", out])
     assert again["ran"] == 9 and again["rows"] == whole["rows"]
+    assert '"generated": 2' in open(os.path.join(out, "logs", "images", "imagenette", "sd.log")).read()
     assert protocol.main([*argv, "--out", out])["ran"] == 0
     with pytest.raises(UsageError, match="--redo sample"):
         protocol.main([*argv, "--out", out, "--steps", "3"])
