@@ -24,7 +24,7 @@ import erase
 import evaluate
 from cli import UsageError
 from prompts import ARTISTS, DATA, IMAGENETTE_SPLITS
-from runner import execute, ranks, recorded, todo
+from runner import done, execute, ranks, todo
 from tables import markdown, results, slug, table_picture
 
 TABLES = ("1", "2", "4", "fig1", "attacks")
@@ -309,19 +309,19 @@ PROTOCOL = {  # what --dry_run says of each table's published protocol (docs/eva
 
 def dry_run(args, stages):
     """The protocol, the plan as commands, its images and the GPU-hours it will take."""
-    done = sum(recorded(args, s) == s["argv"] for s in stages)
+    finished = sum(done(args, s) for s in stages)
     rows = count_rows(args, args.table) if args.table != "attacks" else 0
     seeds = args.seeds or dict(zip(("1", "4", "fig1"), (500, 5, 200))).get(args.table)
     print(f"table {args.table} on {args.model}: " + PROTOCOL[args.table].format(
         rows=rows, seeds=seeds, steps=args.steps, splits=", ".join(args.splits), artists=", ".join(args.artists))
         + ("; judges: random stand-ins" if args.judges == "random" else ""))
-    print(f"{len(stages)} stages ({done} done), {sum(s['images'] for s in stages):,} images")
+    print(f"{len(stages)} stages ({finished} done), {sum(s['images'] for s in stages):,} images")
     for s in stages:
         note = ([f"{s['images']:,} images"] if s["images"] else []) + \
             ([f"~{s['seconds'] / 3600:.2f} GPU-h"] if s["seconds"] else [])
-        print(("done: " if recorded(args, s) == s["argv"] else "") + f"python {s['script']} {shlex.join(s['argv'])}"
+        print(("done: " if done(args, s) else "") + f"python {s['script']} {shlex.join(s['argv'])}"
               + (f"   # {', '.join(note)}" if note else ""))
-    hours = sum(s["seconds"] for s in stages if recorded(args, s) != s["argv"]) / 3600
+    hours = sum(s["seconds"] for s in stages if not done(args, s)) / 3600
     source = f"measured rates from {args.rates}" if args.rates else \
         "counted, not measured: 15 ms a UNet forward (--rates bench.json for measured ones)"
     print(f"left: ~{hours:.1f} GPU-hours ({source})")

@@ -1,7 +1,8 @@
 """Running a plan of stages (protocol.py makes them): each stage one call of erase.py, sample.py,
 evaluate.py or attack.py in this process, its output in its log, recorded when it ends
-(OUT/stages/NAME.json: its command), so that a run started again redoes no finished stage and
-refuses one recorded with another command (unless --redo names its kind). Under torchrun or
+(OUT/stages/NAME.json: its command, written when it starts and when it ends), so that a run
+started again redoes no finished stage, goes on with a stopped one, and refuses one recorded
+with another command (unless --redo names its kind). Under torchrun or
 accelerate launch the erasures and attacks are shared out over the ranks, every rank takes its
 rows of each generation (sample.py), and rank 0 makes the prompts and the scores; a barrier
 between these phases. One progress bar over it all.
@@ -39,9 +40,15 @@ MAINS = {"erase.py": lambda argv, bar: erase.main(argv), "sample.py": lambda arg
 
 
 def recorded(args, stage):
-    """The stage's record: None if not run; the command it was run with."""
+    """The stage's record (OUT/stages/NAME.json, written when it starts and again when it ends):
+    None if it never started, else its command and whether it finished."""
     path = os.path.join(args.out, "stages", stage["name"] + ".json")
-    return json.load(open(path))["argv"] if os.path.isfile(path) else None
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def done(args, stage):
+    rec = recorded(args, stage)
+    return bool(rec and rec["finished"] and rec["argv"] == stage["argv"])
 
 
 def output(stage):
@@ -55,20 +62,23 @@ def output(stage):
 def todo(args, stages):
     """The stages not yet done, in order. One recorded with another command is refused unless
     --redo names its kind; it is then made again, and so is every later stage that reads its
-    output (the plan's order is the order of its inputs). A stage made again loses its old output."""
+    output (the plan's order is the order of its inputs): their old output, whole or partial, goes
+    first. A stage stopped with the same command keeps its partial output and goes on from it."""
     left, redone = [], []
     for s in stages:
-        have = recorded(args, s)
+        rec = recorded(args, s)
         stale = any(a == o or a.startswith(o + os.sep) for a in s["argv"] for o in redone)
-        if have == s["argv"] and not stale:
+        if done(args, s) and not stale:
             continue
-        if have is not None and not stale and s["kind"] not in args.redo:
-            raise UsageError(f"{s['name']} was made with another command ({shlex.join(have)[:200]}): "
+        changed = rec is not None and rec["argv"] != s["argv"]
+        if changed and not stale and s["kind"] not in args.redo:
+            raise UsageError(f"{s['name']} was made with another command ({shlex.join(rec['argv'])[:200]}): "
                              f"give --redo {s['kind']}, or another --out")
-        if have is not None:
+        if changed or stale:
             out = output(s)
             shutil.rmtree(out) if os.path.isdir(out) else os.remove(out) if os.path.exists(out) else None
-            os.remove(os.path.join(args.out, "stages", s["name"] + ".json"))
+            if rec is not None:
+                os.remove(os.path.join(args.out, "stages", s["name"] + ".json"))
             redone.append(out)
         left.append(s)
     return left
@@ -89,12 +99,13 @@ def run_stage(args, s, bar, log):
             raise UsageError(f"{s['name']}: {e}") from None
 
 
-def record(args, s):
+def record(args, s, finished=True):
+    """The stage's record: its command, the rank that ran it, when it finished (None: started)."""
     path = os.path.join(args.out, "stages", s["name"] + ".json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(dict(argv=s["argv"], script=s["script"], rank=int(os.environ.get("RANK", 0)),
-                       finished=time.strftime("%Y-%m-%d %H:%M:%S")), f)
+                       finished=time.strftime("%Y-%m-%d %H:%M:%S") if finished else None), f)
     os.replace(path + ".tmp", path)
 
 
@@ -117,10 +128,10 @@ def execute(args, stages, rank=0, world=1):
     total = sum(s["seconds"] for s in left) or 1.0
     bar = tqdm(total=round(total), disable=rank != 0 or args.quiet, file=sys.stderr,
                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
-    done = len(stages) - len(left)
+    finished = len(stages) - len(left)
 
     def post():
-        bar.set_description(f"{done}/{len(stages)} stages")
+        bar.set_description(f"{finished}/{len(stages)} stages")
         bar.set_postfix_str(f"{images[0] / max(time.time() - tic, 1e-9):.2f} images/s")
 
     for who, group in phases(left):
@@ -136,11 +147,13 @@ def execute(args, stages, rank=0, world=1):
                 bar.update(n * per_image)
                 post()
             start = bar.n
+            if who != "all" or rank == 0:
+                record(args, s, finished=False)
             run_stage(args, s, on_images, os.path.join(args.out, "logs", s["name"] + ".log"))
             if who != "all" or world == 1:
                 record(args, s)
             ran += 1
-            done += 1
+            finished += 1
             bar.update(max(start + s["seconds"] - bar.n, 0))
             post()
         if world > 1:

@@ -139,9 +139,9 @@ def test_a_stopped_table_does_what_was_left_and_two_processes_agree(tiny_sd, tmp
     """Two processes under torchrun (gloo, CPU) make the table uninterrupted, each erasure made
     by one rank and each generation's rows by both. One process stopped after 3 stages, then
     killed in the middle of the 4th (a generation, after 8 of its 10 images), and started again,
-    runs the 9 stages left, makes the 2 images left, and ends with the same table. A changed --steps is refused,
-    and with --redo sample makes the images again and the scores that read them, not the
-    prompts or the erasures."""
+    runs the 9 stages left, makes the 2 images left, and ends with the same table. A changed
+    --steps is refused (for the stopped stage too), and with --redo sample makes the images
+    again and the scores that read them, not the prompts or the erasures."""
     import glob
     import subprocess
     import sys
@@ -173,6 +173,8 @@ def test_a_stopped_table_does_what_was_left_and_two_processes_agree(tiny_sd, tmp
         protocol.main([*argv, "--out", out])
     monkeypatch.undo()
     assert made == [8] and len(glob.glob(os.path.join(out, "images", "imagenette", "sd", "*.png"))) == 8
+    with pytest.raises(UsageError, match="--redo sample"):  # the stopped stage's images are not mixed
+        protocol.main([*argv, "--out", out, "--steps", "3"])
     again = protocol.main([*argv, "--out", out])
     assert again["ran"] == 9 and json.loads(json.dumps(again["rows"])) == whole["rows"]
     assert '"generated": 2' in open(os.path.join(out, "logs", "images", "imagenette", "sd.log")).read()
