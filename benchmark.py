@@ -29,6 +29,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import attack
 import erase
@@ -231,13 +232,20 @@ def run_all(jobs, args, acc0):
     done = {}
     before = {j: r for j in order if (r := finished_before(jobs[j])) is not None}
 
+    # one bar over every run (rank 0's under torchrun): runs done, images read per second, time left
+    bar = tqdm(total=len(jobs), unit="run", file=sys.stderr, disable=rank != 0, desc="runs")
+    tic, read_images = time.time(), [0]
+
     def finished(j, r):
         done[j] = r
         job = jobs[j]
         read = figures(r["acc"], acc0, job["E"]) if "acc" in r else {}
-        print(f"[{len(done)}/{len(jobs)}] split {job['split']} seed {job['seed']} {job['method']}: "
-              f"{json.dumps(read)}{', attacks ' + json.dumps(r['attacks']) if r['attacks'] else ''}, "
-              f"erase {r.get('erase_seconds', 0):.0f} s, run {r['seconds']:.0f} s", flush=True)
+        tqdm.write(f"[{len(done)}/{len(jobs)}] split {job['split']} seed {job['seed']} {job['method']}: "
+                   f"{json.dumps(read)}{', attacks ' + json.dumps(r['attacks']) if r['attacks'] else ''}, "
+                   f"erase {r.get('erase_seconds', 0):.0f} s, run {r['seconds']:.0f} s", file=sys.stdout)
+        read_images[0] += 36 * job["samples"] if "acc" in r else 0
+        bar.update(1)
+        bar.set_postfix_str(f"{read_images[0] / max(time.time() - tic, 1e-9):.1f} images/s")
 
     for j, r in before.items():  # finished by an earlier run that was stopped: not redone
         finished(j, r)
@@ -260,6 +268,7 @@ def run_all(jobs, args, acc0):
         for j in todo:
             if j not in done:
                 finished(j, finished_before(jobs[j]))
+    bar.close()
     return [done[j] for j in range(len(jobs))]
 
 
