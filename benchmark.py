@@ -40,8 +40,8 @@ from cli import UsageError, one_line_errors, run_cli
 from family import empty, load_model
 from metrics import make_judge
 from oracle import ORACLE, load_oracle, recognise
-from runner import ranks
 from params import load_weights
+from runner import ranks
 from sample import generate
 from tables import (add_robustness, aggregate, figures, markdown_table, mean_std, partition, picture,
                     spectrum, verdict)

@@ -225,8 +225,8 @@ def results(args, stages):
                     "erase LPIPS": [lp["groups"]["erase"]["mean"] for _, lp in per],
                     "retain CLIP": [c["groups"]["retain"]["mean"] for c, _ in per],
                     "retain LPIPS": [lp["groups"]["retain"]["mean"] for _, lp in per]}
-            rows[m] = dict(ours={k: dict(mean=float(np.mean(v)), std=float(np.std(v))) for k, v in cols.items()},
-                           artists=args.artists)
+            # over the artists, as evaluate.py average takes Table 1's splits
+            rows[m] = dict(ours={k: evaluate.mean_std(v) for k, v in cols.items()}, artists=args.artists)
     elif t == "fig1":
         for name in [s["name"].split("/")[-1] for s in stages if s["name"].startswith("scores/fig1/")]:
             r = read(args, "fig1", name)

@@ -187,6 +187,24 @@ def test_a_stopped_table_does_what_was_left_and_two_processes_agree(tiny_sd, tmp
     assert made["argv"][made["argv"].index("--steps") + 1] == "3"
 
 
+def test_table_4_is_the_mean_over_artists_of_each_groups_mean(tmp_path):
+    """Table 4's cell: per artist erased, the mean CLIP score (LPIPS) of the erased artist's images
+    ("erase") and of the others' ("retain"); the table: their mean and std over the artists, as
+    evaluate.py average takes Table 1's splits; the paper's row beside it."""
+    import argparse
+    from tables import results
+    args = argparse.Namespace(out=str(tmp_path), table="4", methods=["eap"], artists=["Kelly McKernan", "Kilian Eng"])
+    os.makedirs(tmp_path / "scores" / "4")
+    for artist, erase_, retain in (("kelly_mckernan", 20.0, 30.0), ("kilian_eng", 24.0, 31.0)):
+        for metric, scale in (("clip", 1.0), ("lpips", 0.01)):
+            json.dump({"groups": {"erase": {"mean": erase_ * scale}, "retain": {"mean": retain * scale}}},
+                      open(tmp_path / "scores" / "4" / f"eap-{artist}-{metric}.json", "w"))
+    row = results(args, [])["eap"]
+    assert row["ours"]["erase CLIP"]["mean"] == 22.0 and row["ours"]["erase CLIP"]["std"] == 2.0
+    assert row["ours"]["retain LPIPS"]["mean"] == 0.305 and row["ours"]["retain LPIPS"]["std"] == 0.005
+    assert row["paper"] == (21.57, 0.78, 30.13, 0.47)
+
+
 def table_commands():
     return [a for a in readme_commands("benchmark.py") if "--table" in a]
 
