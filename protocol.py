@@ -23,7 +23,8 @@ import shlex
 import erase
 import evaluate
 from cli import UsageError
-from prompts import ARTISTS, DATA, IMAGENETTE_SPLITS
+from prompts import (ARTISTS, DATA, IMAGENETTE_SPLITS, prompts_artists, prompts_concepts, prompts_i2p,
+                     prompts_imagenette)
 from runner import done, execute, ranks, todo
 from tables import markdown, results, slug, table_picture
 
@@ -145,11 +146,10 @@ def judge(args, flag):
 
 def count_rows(args, table):
     """Rows of the table's prompt set, as evaluate.py prompts will write them."""
-    import prompts
     seeds = args.seeds
-    return {"1": lambda: len(prompts.prompts_imagenette(seeds or 500)),
-            "2": lambda: len(prompts.prompts_i2p(args.i2p, 7.5)),
-            "4": lambda: len(prompts.prompts_artists(args.artists_file, seeds or 5)),
+    return {"1": lambda: len(prompts_imagenette(seeds or 500)),
+            "2": lambda: len(prompts_i2p(args.i2p, 7.5)),
+            "4": lambda: len(prompts_artists(args.artists_file, seeds or 5)),
             "fig1": lambda: len(fig1_rows(args))}[table]()
 
 
@@ -160,8 +160,7 @@ def fig1_concepts():
 
 
 def fig1_rows(args):
-    import prompts
-    return prompts.prompts_concepts(None if args.fig1_files else ", ".join(fig1_concepts()), 0,
+    return prompts_concepts(None if args.fig1_files else ", ".join(fig1_concepts()), 0,
                                     args.seeds or (1 if args.fig1_files else 200), args.fig1_files)
 
 
@@ -215,8 +214,8 @@ def plan(args):
         for concept, model in erased:
             if model not in methods:
                 continue
-            t_ = "2" if concept == "nudity" else t  # ESD-u on "nudity": Table 2's erasure
-            w = p.erase(t_, model, [concept])
+            flags_of = "2" if concept == "nudity" else t  # ESD-u on "nudity": Table 2's erasure
+            w = p.erase(flags_of, model, [concept])
             f = p.generate(csv, rows, "fig1", f"{slug(concept)}-{model}", "ddim-ldm", w)
             p.score("fig1", f"{slug(concept)}-{model}", ["sensitivity", "--original", sd, "--sanitized", f,
                                                           *judge(args, "clip")])
