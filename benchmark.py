@@ -243,7 +243,7 @@ def run_all(jobs, args, acc0):
         tqdm.write(f"[{len(done)}/{len(jobs)}] split {job['split']} seed {job['seed']} {job['method']}: "
                    f"{json.dumps(read)}{', attacks ' + json.dumps(r['attacks']) if r['attacks'] else ''}, "
                    f"erase {r.get('erase_seconds', 0):.0f} s, run {r['seconds']:.0f} s", file=sys.stdout)
-        read_images[0] += 36 * job["samples"] if "acc" in r else 0
+        read_images[0] += len(CONCEPTS) * job["samples"] if "acc" in r else 0
         bar.update(1)
         bar.set_postfix_str(f"{read_images[0] / max(time.time() - tic, 1e-9):.1f} images/s")
 

@@ -248,7 +248,7 @@ HEADERS = {"1": ["ESR-1", "ESR-5", "PSR-1", "PSR-5"], "2": ["NER-0.3", "NER-0.5"
 
 
 def markdown(args, rows):
-    """table.md: per model our numbers and, in the next row, the paper's."""
+    """tableN.md: per model our numbers and, in the next row, the paper's."""
     t = args.table
     if t == "fig1":
         lines = ["| erased model | the 5 concepts most changed (delta, CLIP score) |", "|---|---|"]
